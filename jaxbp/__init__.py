@@ -1,0 +1,12 @@
+"""jaxbp: forward and hand-written backward propagation in JAX, verified against autodiff.
+
+Conventions: the batch is the leading axis; a dense layer computes
+``y = x @ W + b`` with ``W`` of shape (in, out); images are NHWC and kernels HWIO.
+"""
+
+from . import layers, losses, models
+from .network import Sequential
+
+__version__ = "0.1.0"
+
+__all__ = ["Sequential", "layers", "losses", "models", "__version__"]

@@ -1,0 +1,72 @@
+"""The layer contract shared by every layer in jaxbp.
+
+A layer is an immutable, hashable description (a frozen dataclass holding only
+hyperparameters) with three pure functions:
+
+    init(key, input_shape)          -> (params, output_shape)
+    forward(params, x)              -> (y, residuals)
+    backward(params, residuals, dy) -> (dparams, dx)
+
+``input_shape`` and ``output_shape`` exclude the leading batch axis. ``params`` is
+a dict of arrays (``{}`` for parameterless layers); ``dparams`` has exactly the
+same keys and shapes. ``residuals`` is a NamedTuple naming what the forward pass
+stores for the backward pass. ``dy`` is ∂L/∂y and has the shape of ``y``; ``dx``
+is ∂L/∂x and has the shape of ``x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+
+class Layer:
+    """Base class: a frozen dataclass subclass implements init/forward/backward.
+
+    ``decay_keys`` names the parameters that weight decay applies to (weight
+    matrices and kernels, never biases).
+    """
+
+    decay_keys: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def init(self, key, input_shape, dtype=None):
+        """Parameterless default: no params, shape unchanged."""
+        del key, dtype
+        return {}, tuple(input_shape)
+
+    def forward(self, params, x):
+        raise NotImplementedError
+
+    def backward(self, params, residuals, dy):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+        )
+        return f"{self.name}({fields})"
+
+
+def default_float_dtype():
+    """float64 when ``jax_enable_x64`` is on, else float32."""
+    return jnp.result_type(float)
+
+
+def check_rank(layer: str, arg: str, x, rank: int, layout: str) -> None:
+    """Raise a ValueError unless ``x`` has ``rank`` dimensions."""
+    if x.ndim != rank:
+        raise ValueError(
+            f"{layer}: {arg} must have rank {rank} {layout}; got shape {tuple(x.shape)} "
+            f"(rank {x.ndim})"
+        )
+
+
+def check_positive_int(layer: str, arg: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{layer}: {arg} must be a positive int; got {value!r}")

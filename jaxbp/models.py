@@ -1,0 +1,52 @@
+"""Ready-made networks: the tutorials' examples and the presets the CLI uses."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from . import layers, losses
+from .network import Sequential
+
+
+def worked_example(dtype=None):
+    """The 2-2-2 sigmoid network of tutorial 004 with its exact weights.
+
+    Inputs i1 = 0.05, i2 = 0.10; targets 0.01, 0.99; w1..w8 = 0.15 … 0.55;
+    hidden bias b1 = 0.35 and output bias b2 = 0.60 shared by both neurons of a
+    layer; loss E = Σ ½(target − out)².
+
+    In the tutorial ``net_h1 = w1·i1 + w2·i2 + b1`` and ``net_h2 = w3·i1 + w4·i2 + b1``,
+    so in the row-vector convention ``W[i, j]`` (input i → neuron j) is
+    ``[[w1, w3], [w2, w4]]``.
+
+    Returns:
+      ``(net, params, x, y)`` with x of shape (1, 2) and y of shape (1, 2).
+
+    Example:
+      >>> net, params, x, y = worked_example()
+      >>> round(float(net.loss(params, x, y)), 9)
+      0.298371109
+    """
+    f = jnp.result_type(float) if dtype is None else dtype
+    net = Sequential(
+        [layers.Dense(2), layers.Sigmoid(), layers.Dense(2), layers.Sigmoid()],
+        loss=losses.HalfSquaredError(),
+    )
+    params = [
+        {"W": jnp.array([[0.15, 0.25], [0.20, 0.30]], f), "b": jnp.array([0.35, 0.35], f)},
+        {},
+        {"W": jnp.array([[0.40, 0.50], [0.45, 0.55]], f), "b": jnp.array([0.60, 0.60], f)},
+        {},
+    ]
+    x = jnp.array([[0.05, 0.10]], f)
+    y = jnp.array([[0.01, 0.99]], f)
+    return net, params, x, y
+
+
+def mlp(hidden=(128,), classes=10, activation=layers.ReLU, weight_decay=0.0, init="he_normal"):
+    """A softmax-cross-entropy MLP: ``Dense → activation`` per hidden width, then ``Dense``."""
+    stack = []
+    for width in hidden:
+        stack += [layers.Dense(width, init=init), activation()]
+    stack.append(layers.Dense(classes, init="glorot_normal"))
+    return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)

@@ -1,0 +1,234 @@
+"""``Sequential``: a stack of layers, a loss, and the hand-written backward walk."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .layers.base import Layer
+from .losses import Loss
+
+_method_jit = functools.partial(jax.jit, static_argnums=0)
+
+
+def _prefixed(prefix: str, fn, *args):
+    """Call ``fn(*args)``, prefixing any ValueError with where it happened."""
+    try:
+        return fn(*args)
+    except ValueError as err:
+        raise ValueError(f"{prefix} {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """A feed-forward network ``x → layers[0] → … → layers[-1] → loss``.
+
+    The objective is ``J = L + λ/2 Σ ‖W‖_F²`` (λ = ``weight_decay``), the sum
+    running over every layer's weight matrix or kernel, never its bias — the d2l
+    objective ``J = L + s`` of tutorial 003.
+
+    A ``Sequential`` is an immutable, hashable description: it holds no arrays.
+    Parameters live in a plain pytree, a list with one dict per layer
+    (``{"W": (in, out), "b": (out,)}`` for Dense, ``{}`` for parameterless
+    layers), so users may build them by hand. ``forward``, ``loss``,
+    ``manual_backward`` and ``manual_value_and_grad`` are jitted with the network
+    as a static argument: equal networks share compiled code, and a second call
+    with the same shapes never recompiles.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbp import Sequential, layers, losses
+      >>> net = Sequential([layers.Dense(3), layers.Tanh(), layers.Dense(2)],
+      ...                  loss=losses.HalfSquaredError(), weight_decay=1e-3)
+      >>> params = net.init(jax.random.key(0), input_shape=(4,))
+      >>> x, y = jnp.ones((5, 4)), jnp.zeros((5, 2))
+      >>> grads = net.manual_backward(params, x, y)
+      >>> auto = jax.grad(net.loss)(params, x, y)
+      >>> bool(jnp.allclose(grads[0]["W"], auto[0]["W"], atol=1e-6))
+      True
+    """
+
+    layers: tuple[Layer, ...]
+    loss_fn: Loss
+    weight_decay: float = 0.0
+
+    def __init__(self, layers: Sequence[Layer], loss: Loss, weight_decay: float = 0.0):
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("Sequential: layers must contain at least one layer; got []")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise ValueError(
+                    f"Sequential: layers[{i}] must be a jaxbp layer; got {type(layer).__name__}"
+                )
+        if not isinstance(loss, Loss):
+            raise ValueError(f"Sequential: loss must be a jaxbp loss; got {type(loss).__name__}")
+        weight_decay = float(weight_decay)
+        if not weight_decay >= 0:
+            raise ValueError(f"Sequential: weight_decay must be >= 0; got {weight_decay}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "loss_fn", loss)
+        object.__setattr__(self, "weight_decay", weight_decay)
+
+    # ------------------------------------------------------------------ shapes
+    def _where(self, i: int) -> str:
+        return f"layers[{i}]"
+
+    def init(self, key, input_shape, dtype=None) -> list[dict]:
+        """Initialise every layer; ``input_shape`` excludes the batch axis."""
+        params = []
+        shape = tuple(input_shape)
+        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)))):
+            p, shape = _prefixed(self._where(i), layer.init, k, shape, dtype)
+            params.append(p)
+        return params
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """The output shape (batch excluded) for ``input_shape``, computed without FLOPs."""
+        params = jax.eval_shape(lambda k: self.init(k, input_shape), jax.random.key(0))
+        out = jax.eval_shape(self.forward, params, jax.ShapeDtypeStruct((1, *input_shape), float))
+        return tuple(out.shape[1:])
+
+    def _check_params(self, params) -> None:
+        if not isinstance(params, (list, tuple)) or len(params) != len(self.layers):
+            got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+            raise ValueError(
+                f"Sequential: params must be a list with one dict per layer "
+                f"({len(self.layers)}); got {got}"
+            )
+
+    # ----------------------------------------------------------------- forward
+    def _forward(self, params, x):
+        """Run every layer; return the output, each layer's input, each residuals."""
+        self._check_params(params)
+        inputs, residuals = [], []
+        for i, layer in enumerate(self.layers):
+            inputs.append(x)
+            x, res = _prefixed(f"{self._where(i)}", layer.forward, params[i], x)
+            residuals.append(res)
+        return x, inputs, residuals
+
+    @_method_jit
+    def forward(self, params, x):
+        """The network's output ``y_hat`` for a batch ``x``."""
+        return self._forward(params, x)[0]
+
+    @_method_jit
+    def forward_with_residuals(self, params, x):
+        """The output and, per layer, a dict of its input ``x``, output ``y`` and residuals.
+
+        For teaching: ``trace[0]["y"]`` of a Dense layer is its pre-activation
+        ``z``, and ``trace[1]["y"]`` of the Sigmoid after it is ``a = σ(z)``.
+        """
+        y_hat, inputs, residuals = self._forward(params, x)
+        outputs = inputs[1:] + [y_hat]
+        trace = [
+            {"x": xi, "y": yi, **res._asdict()}
+            for xi, yi, res in zip(inputs, outputs, residuals)
+        ]
+        return y_hat, trace
+
+    # -------------------------------------------------------------------- loss
+    def _decay_value(self, params):
+        if self.weight_decay == 0.0:
+            return 0.0
+        total = 0.0
+        for layer, p in zip(self.layers, params):
+            for k in layer.decay_keys:
+                if k in p:
+                    total = total + jnp.sum(p[k] * p[k])
+        return 0.5 * self.weight_decay * total
+
+    def _data_loss(self, y_hat, y):
+        return _prefixed("loss", self.loss_fn.value_and_grad, y_hat, y)
+
+    @_method_jit
+    def loss(self, params, x, y):
+        """``J = L(forward(x), y) + λ/2 Σ ‖W‖²`` (a scalar)."""
+        y_hat = self._forward(params, x)[0]
+        return self._data_loss(y_hat, y)[0] + self._decay_value(params)
+
+    # ---------------------------------------------------------------- backward
+    def _walk_back(self, params, residuals, dy, start: int, stop: int, grads, signals):
+        """Backpropagate ``dy`` from the output of layer ``stop − 1`` down to ``start``."""
+        for i in reversed(range(start, stop)):
+            layer = self.layers[i]
+            dparams, dy = _prefixed(
+                self._where(i), layer.backward, params[i], residuals[i - start], dy
+            )
+            if self.weight_decay != 0.0:
+                dparams = {
+                    k: g + self.weight_decay * params[i][k] if k in layer.decay_keys else g
+                    for k, g in dparams.items()
+                }
+            grads[i] = dparams
+            signals[i] = dy
+        return dy
+
+    def _manual(self, params, x, y, remat_every):
+        n = len(self.layers)
+        grads, signals = [None] * n, [None] * n
+        if remat_every is None:
+            y_hat, _, residuals = self._forward(params, x)
+            L, dy = self._data_loss(y_hat, y)
+            self._walk_back(params, residuals, dy, 0, n, grads, signals)
+        else:
+            if not isinstance(remat_every, int) or remat_every < 1:
+                raise ValueError(
+                    f"Sequential.manual_backward: remat_every must be a positive int or None; "
+                    f"got {remat_every!r}"
+                )
+            # Forward keeping only the input of every remat_every-th layer.
+            self._check_params(params)
+            checkpoints, a = {}, x
+            for i, layer in enumerate(self.layers):
+                if i % remat_every == 0:
+                    checkpoints[i] = a
+                a, _ = _prefixed(self._where(i), layer.forward, params[i], a)
+            L, dy = self._data_loss(a, y)
+            for start in reversed(range(0, n, remat_every)):
+                stop = min(start + remat_every, n)
+                # The barrier keeps XLA from merging the recomputation into the first
+                # forward pass and orders it after the layers above are done.
+                a, dy = jax.lax.optimization_barrier((checkpoints[start], dy))
+                residuals = []
+                for i in range(start, stop):
+                    a, res = self.layers[i].forward(params[i], a)
+                    residuals.append(res)
+                dy = self._walk_back(params, residuals, dy, start, stop, grads, signals)
+        return L + self._decay_value(params), grads, signals
+
+    @functools.partial(jax.jit, static_argnums=0, static_argnames="remat_every")
+    def manual_value_and_grad(self, params, x, y, *, remat_every=None):
+        """``(J, ∂J/∂params)`` by the hand-written backward pass.
+
+        Runs the forward pass storing each layer's residuals, seeds
+        ``dy = ∂L/∂y_hat`` from the loss's own hand-written gradient, then walks the
+        layers in reverse calling each ``backward`` and adds ``λW`` to every
+        decayed parameter. No autodiff is involved.
+
+        ``remat_every=k`` stores only every k-th layer's input and recomputes the
+        other residuals segment by segment during the backward walk: less memory
+        for one extra forward pass.
+        """
+        J, grads, _ = self._manual(params, x, y, remat_every)
+        return J, grads
+
+    @functools.partial(jax.jit, static_argnums=0, static_argnames="remat_every")
+    def manual_backward(self, params, x, y, *, remat_every=None):
+        """``∂J/∂params`` by the hand-written backward pass (same pytree as params)."""
+        return self._manual(params, x, y, remat_every)[1]
+
+    @_method_jit
+    def manual_backward_with_signals(self, params, x, y):
+        """``(grads, dxs)`` where ``dxs[i] = ∂J/∂(input of layers[i])``.
+
+        The per-layer backpropagated signals are what a gradient check compares
+        to locate the first layer whose backward is wrong.
+        """
+        _, grads, signals = self._manual(params, x, y, None)
+        return grads, signals
