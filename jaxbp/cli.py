@@ -12,6 +12,8 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS = {
+    "gradcheck": ("jaxbp.gradcheck_cli", "check a network's manual backward against autodiff"),
+    "train": ("jaxbp.cli_train", "check the manual gradients, then train on a real dataset"),
 }
 
 

@@ -39,7 +39,7 @@ def _check_same_shape(loss: str, y_hat, y) -> None:
         )
 
 
-def _check_labels(loss: str, y_hat, y) -> None:
+def check_labels(loss: str, y_hat, y) -> None:
     """Integer labels: shape (batch,), values in [0, K) when they are concrete."""
     batch, classes = y_hat.shape
     if tuple(y.shape) != (batch,):
@@ -66,6 +66,8 @@ def one_hot_mask(labels, classes: int, dtype):
 
 
 class Loss:
+    takes_labels = False  # True: accepts integer class labels (batch,) as targets
+
     @property
     def name(self) -> str:
         return type(self).__name__
@@ -123,11 +125,13 @@ class SoftmaxCrossEntropy(Loss):
     rows of t that sum to 1; shape (batch, K).
     """
 
+    takes_labels = True
+
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat)
         batch, classes = y_hat.shape
         if _is_integer(y):
-            _check_labels(self.name, y_hat, y)
+            check_labels(self.name, y_hat, y)
             t = one_hot_mask(y, classes, y_hat.dtype)
             t_sum = 1.0  # one label per row
         elif y.ndim == 2:
@@ -182,6 +186,7 @@ class Hinge(Loss):
     """
 
     margin: float = 1.0
+    takes_labels = True
 
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat)
@@ -190,7 +195,7 @@ class Hinge(Loss):
                 f"{self.name}: y must be integer labels of shape ({y_hat.shape[0]},); got "
                 f"dtype {y.dtype} with shape {tuple(y.shape)}"
             )
-        _check_labels(self.name, y_hat, y)
+        check_labels(self.name, y_hat, y)
         batch, classes = y_hat.shape
         is_label = one_hot_mask(y, classes, y_hat.dtype)
         s_y = jnp.sum(y_hat * is_label, axis=1, keepdims=True)

@@ -10,9 +10,26 @@ import jax
 import jax.numpy as jnp
 
 from .layers.base import Layer
-from .losses import Loss
+from .losses import Loss, check_labels
 
 _method_jit = functools.partial(jax.jit, static_argnums=0)
+
+
+def _checks_labels(jitted):
+    """Validate concrete integer labels, then call the jitted method.
+
+    Inside jit the labels are abstract and cannot be range-checked; called
+    directly (or under ``jax.grad``) they are concrete, and an out-of-range label
+    raises a ValueError instead of silently selecting nothing.
+    """
+
+    @functools.wraps(jitted)
+    def method(self, params, x, y, **kwargs):
+        self._check_concrete_labels(params, x, y)
+        return jitted(self, params, x, y, **kwargs)
+
+    method.jitted = jitted
+    return method
 
 
 def _prefixed(prefix: str, fn, *args):
@@ -93,6 +110,15 @@ class Sequential:
         out = jax.eval_shape(self.forward, params, jax.ShapeDtypeStruct((1, *input_shape), float))
         return tuple(out.shape[1:])
 
+    def _check_concrete_labels(self, params, x, y) -> None:
+        if not self.loss_fn.takes_labels or isinstance(y, jax.core.Tracer):
+            return
+        if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+            return
+        y_hat = jax.eval_shape(self.forward, params, x)  # cached trace, no FLOPs
+        if len(y_hat.shape) == 2:
+            _prefixed("loss", check_labels, self.loss_fn.name, y_hat, y)
+
     def _check_params(self, params) -> None:
         if not isinstance(params, (list, tuple)) or len(params) != len(self.layers):
             got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
@@ -146,11 +172,19 @@ class Sequential:
     def _data_loss(self, y_hat, y):
         return _prefixed("loss", self.loss_fn.value_and_grad, y_hat, y)
 
+    @_checks_labels
     @_method_jit
     def loss(self, params, x, y):
         """``J = L(forward(x), y) + λ/2 Σ ‖W‖²`` (a scalar)."""
         y_hat = self._forward(params, x)[0]
         return self._data_loss(y_hat, y)[0] + self._decay_value(params)
+
+    @property
+    def loss_with_manual_grad(self):
+        """``loss`` whose ``jax.grad`` runs the manual backward (``jaxbp.with_manual_grad``)."""
+        from .bridge import with_manual_grad  # bridge builds on Sequential's methods
+
+        return with_manual_grad(self)
 
     # ---------------------------------------------------------------- backward
     def _walk_back(self, params, residuals, dy, start: int, stop: int, grads, signals):
@@ -202,6 +236,7 @@ class Sequential:
                 dy = self._walk_back(params, residuals, dy, start, stop, grads, signals)
         return L + self._decay_value(params), grads, signals
 
+    @_checks_labels
     @functools.partial(jax.jit, static_argnums=0, static_argnames="remat_every")
     def manual_value_and_grad(self, params, x, y, *, remat_every=None):
         """``(J, ∂J/∂params)`` by the hand-written backward pass.
@@ -218,11 +253,13 @@ class Sequential:
         J, grads, _ = self._manual(params, x, y, remat_every)
         return J, grads
 
+    @_checks_labels
     @functools.partial(jax.jit, static_argnums=0, static_argnames="remat_every")
     def manual_backward(self, params, x, y, *, remat_every=None):
         """``∂J/∂params`` by the hand-written backward pass (same pytree as params)."""
         return self._manual(params, x, y, remat_every)[1]
 
+    @_checks_labels
     @_method_jit
     def manual_backward_with_signals(self, params, x, y):
         """``(grads, dxs)`` where ``dxs[i] = ∂J/∂(input of layers[i])``.

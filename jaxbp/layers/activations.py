@@ -72,10 +72,10 @@ class Tanh(Layer):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ReLU(Layer):
-    """``y = max(x, 0)``."""
+    """``y = max(x, 0)`` (``jax.nn.relu``, whose derivative at 0 is taken as 0)."""
 
     def forward(self, params, x):
-        return jnp.maximum(x, 0), InputResiduals(x=x)
+        return jax.nn.relu(x), InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy ⊙ 1[x > 0] (the subgradient 0 at x = 0, as jax.nn.relu uses)."""
@@ -104,14 +104,14 @@ class ELU(Layer):
     alpha: float = 1.0
 
     def forward(self, params, x):
-        negative = self.alpha * jnp.expm1(jnp.minimum(x, 0))
+        negative = self.alpha * jnp.expm1(jnp.where(x > 0, 0, x))  # no overflow for x > 0
         y = jnp.where(x > 0, x, negative)
         return y, InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy for x > 0 and dy ⊙ α eˣ otherwise; all arrays have the shape of x."""
         x = residuals.x
-        return {}, jnp.where(x > 0, dy, dy * self.alpha * jnp.exp(jnp.minimum(x, 0)))
+        return {}, jnp.where(x > 0, dy, dy * self.alpha * jnp.exp(jnp.where(x > 0, 0, x)))
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)

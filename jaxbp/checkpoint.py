@@ -1,0 +1,196 @@
+"""Checkpoints: parameters, optimizer state, step, PRNG key and config in one file.
+
+Format: a single safetensors file. Its arrays are the leaves of ``params`` and
+``opt_state`` named by their pytree paths (``params[0]['W']``,
+``opt_state[0].mu[0]['W']``) plus ``key`` (the PRNG key's raw uint32 data); its
+string metadata holds ``format``, ``version``, ``epoch``, ``step``, the key's
+implementation and JSON-encoded ``config`` and ``history``.
+
+Why safetensors: loading parses a JSON header and copies raw little-endian
+bytes, so a checkpoint can never execute code (unlike pickle, which ``np.load``
+with ``allow_pickle`` or ``torch.load`` may run); one file keeps arrays and
+metadata together, so they cannot get out of step; the library is small and
+already a dependency. orbax-checkpoint would bring async, multi-host
+directories and TensorStore — more than a single-process trainer needs.
+
+Restoring needs a template (``like``) of the state to restore into, built the
+usual way (``net.init`` + ``opt.init``). Every leaf must match by path, shape
+and dtype; otherwise the error lists what differs, so restoring into another
+architecture says which layer changed and how.
+
+Writes are atomic: the bytes go to a temporary file in the same directory,
+which is flushed and fsync'ed, then renamed over the target (``os.replace`` is
+atomic on POSIX), and the directory is fsync'ed so the rename survives a crash.
+A process killed mid-save leaves the previous checkpoint intact.
+
+Example:
+  >>> import os, tempfile, jax, optax
+  >>> from jaxbp import models, train
+  >>> net, opt = models.mlp(hidden=(4,), classes=2), optax.adam(1e-3)
+  >>> state = train.init_state(net, opt, jax.random.key(0), (3,))
+  >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.safetensors")
+  >>> save(path, state, config={"model": "mlp"})
+  >>> restored, meta = restore(path, like=state)
+  >>> meta["config"], restored.epoch
+  ({'model': 'mlp'}, 0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from .train import TrainState
+
+FORMAT = "jaxbp-checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.safetensors"
+_MAX_SHOWN = 12  # differences listed in a mismatch error
+
+
+def _named_leaves(prefix: str, tree) -> dict[str, jax.Array]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {prefix + jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(path, state: TrainState, config: dict | None = None, history: dict | None = None):
+    """Write ``state`` (and JSON-serialisable ``config``, ``history``) to ``path`` atomically."""
+    path = os.fspath(path)
+    tensors = {
+        **_named_leaves("params", state.params),
+        **_named_leaves("opt_state", state.opt_state),
+        "key": jax.random.key_data(state.key),
+    }
+    tensors = {k: np.asarray(jax.device_get(v), order="C") for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "epoch": str(int(state.epoch)),
+        "step": str(int(state.step)),
+        "key_impl": str(jax.random.key_impl(state.key)),
+        "config": json.dumps(config or {}),
+        "history": json.dumps(history or {}),
+    }
+    _atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
+
+
+def _open(path: str):
+    """``(metadata, tensors)`` of a jaxbp checkpoint, or a ValueError saying what it is not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for every bad header
+        raise ValueError(
+            f"checkpoint {path} is not a readable safetensors file (truncated, corrupt or "
+            f"another kind of file, {os.path.getsize(path)} bytes): {err}"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"checkpoint {path} is a safetensors file but not a jaxbp checkpoint "
+            f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})"
+        )
+    if metadata.get("version") != str(VERSION):
+        raise ValueError(
+            f"checkpoint {path} has version {metadata.get('version')}; this jaxbp reads "
+            f"version {VERSION}"
+        )
+    return metadata, tensors
+
+
+def read_metadata(path) -> dict:
+    """``{"epoch", "step", "config", "history"}`` of a checkpoint, without restoring arrays."""
+    return _decode(_open(os.fspath(path))[0])
+
+
+def _decode(metadata: dict) -> dict:
+    return {
+        "epoch": int(metadata["epoch"]),
+        "step": int(metadata["step"]),
+        "config": json.loads(metadata["config"]),
+        "history": json.loads(metadata["history"]),
+    }
+
+
+def _describe(a) -> str:
+    return f"{np.dtype(a.dtype)}{list(a.shape)}"
+
+
+def _fill(path: str, prefix: str, like, tensors: dict, problems: list):
+    named = _named_leaves(prefix, like)
+    stored = {k for k in tensors if k.startswith(prefix)}
+    for name in sorted(stored - set(named)):
+        problems.append(f"{name} {_describe(tensors[name])} is in the checkpoint but not in the model")
+    leaves = []
+    for name, leaf in named.items():
+        if name not in tensors:
+            problems.append(f"{name} {_describe(leaf)} is in the model but not in the checkpoint")
+            leaves.append(leaf)
+            continue
+        value = tensors[name]
+        if value.shape != tuple(leaf.shape) or value.dtype != leaf.dtype:
+            problems.append(
+                f"{name}: checkpoint has {_describe(value)}, model expects {_describe(leaf)}"
+            )
+        leaves.append(value)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def restore(path, like: TrainState) -> tuple[TrainState, dict]:
+    """Load a checkpoint into the structure of ``like``; return ``(state, metadata)``.
+
+    ``metadata`` is what ``read_metadata`` returns. Raises ValueError naming each
+    leaf that is missing, extra, or of another shape or dtype, and for files that
+    are truncated or not jaxbp checkpoints.
+    """
+    path = os.fspath(path)
+    metadata, tensors = _open(path)
+    problems: list[str] = []
+    params = _fill(path, "params", like.params, tensors, problems)
+    opt_state = _fill(path, "opt_state", like.opt_state, tensors, problems)
+    if problems:
+        shown = problems[:_MAX_SHOWN] + (
+            [f"… and {len(problems) - _MAX_SHOWN} more"] if len(problems) > _MAX_SHOWN else []
+        )
+        raise ValueError(
+            f"checkpoint {path} does not match the model ({len(problems)} difference"
+            f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(shown)
+        )
+    impl = metadata.get("key_impl")
+    if "key" not in tensors or impl != str(jax.random.key_impl(like.key)):
+        raise ValueError(
+            f"checkpoint {path}: PRNG key of implementation {impl!r} cannot restore into a "
+            f"{jax.random.key_impl(like.key)} key"
+        )
+    key = jax.random.wrap_key_data(tensors["key"], impl=impl)
+    state = TrainState(params, opt_state, key, int(metadata["epoch"]), int(metadata["step"]))
+    return state, _decode(metadata)

@@ -1,0 +1,212 @@
+"""``jaxbp train``: check the hand-written gradients, then train on a real dataset.
+
+Steps: load the dataset (standardised, deterministic split), build the model,
+compare the manual gradients with autodiff on one batch (``jaxbp.gradcheck``,
+float64) and print the verdict, train with a tqdm bar over the epochs, print a
+summary, optionally save a checkpoint after every epoch and plot the curves.
+
+``--epochs`` is the total: ``--resume`` continues a checkpoint from its epoch up
+to ``--epochs``, and gives exactly the parameters an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from . import data
+
+# Per-model defaults: the plain command reaches ≥ 97% (MLP) / ≥ 98% (CNN) test
+# accuracy on digits within a minute on two CPU cores.
+DEFAULTS = {
+    "mlp": {"lr": 1e-3, "epochs": 30, "batch_size": 32, "weight_decay": 1e-3},
+    "cnn": {"lr": 1e-3, "epochs": 20, "batch_size": 32, "weight_decay": 1e-4},
+}
+# A resumed run must agree on these, or its state would not fit the model.
+STRUCTURAL = ("dataset", "model", "hidden", "optimizer")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", default="digits", choices=data.DATASETS)
+    parser.add_argument("--data-dir", help="directory with the IDX files (mnist, fashion-mnist)")
+    parser.add_argument("--model", default="mlp", choices=sorted(DEFAULTS))
+    parser.add_argument("--hidden", default="256",
+                        help="MLP hidden widths, comma-separated (default 256)")
+    parser.add_argument("--grad", default="manual", choices=("manual", "autodiff"),
+                        help="hand-written backward (default) or jax.value_and_grad")
+    parser.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam"))
+    parser.add_argument("--lr", type=float, help="learning rate (default per model)")
+    parser.add_argument("--epochs", type=int, help="total epochs (default per model)")
+    parser.add_argument("--batch-size", type=int, help="samples per step (default per model)")
+    parser.add_argument("--weight-decay", type=float,
+                        help="λ of J = L + λ/2 Σ‖W‖² (default per model)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation and shuffling")
+    parser.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--plot", metavar="PATH", help="save loss and accuracy curves (PNG)")
+    parser.add_argument("--devices", type=int,
+                        help="devices for data parallelism (default: all visible)")
+    parser.add_argument("--skip-gradcheck", action="store_true",
+                        help="train without checking the gradients first")
+
+
+def _config(args) -> dict:
+    defaults = DEFAULTS[args.model]
+    config = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "hidden": [int(w) for w in args.hidden.split(",")] if args.model == "mlp" else None,
+        "grad": args.grad,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+    }
+    for name in ("lr", "epochs", "batch_size", "weight_decay"):
+        value = getattr(args, name)
+        config[name] = defaults[name] if value is None else value
+    return config
+
+
+def build_model(config: dict, ds):
+    """The network a config describes (``model`` "mlp" or "cnn") for dataset ``ds``."""
+    from . import models
+
+    if config["model"] == "mlp":
+        return models.mlp(
+            hidden=tuple(config["hidden"]), classes=ds.classes,
+            weight_decay=config["weight_decay"],
+        )
+    return models.cnn(ds.input_shape, ds.classes, weight_decay=config["weight_decay"])
+
+
+def _check_resume(path: str, config: dict) -> dict:
+    from . import checkpoint
+
+    meta = checkpoint.read_metadata(path)
+    saved = meta["config"]
+    differ = [k for k in STRUCTURAL if saved.get(k) != config[k]]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} was trained with a different setup: "
+            + "; ".join(f"{k} {saved.get(k)!r} there, {config[k]!r} now" for k in differ)
+        )
+    for k in sorted(set(config) - {"epochs", *STRUCTURAL}):
+        if saved.get(k) != config[k]:
+            print(f"note: {k} was {saved.get(k)!r} in the checkpoint, now {config[k]!r}")
+    return meta
+
+
+def _gradcheck(net, params, x, y) -> bool:
+    from .gradcheck import gradcheck
+
+    report = gradcheck(net, params, x, y)
+    print(f"gradcheck ({report.dtype}, one batch of {len(x)}): {report.verdict()}")
+    if not report.ok:
+        print(report)
+    return report.ok
+
+
+def plot_history(history: dict, path: str) -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = history["epoch"]
+    ax_loss.plot(epochs, history["train_loss"], label="train J (mean over steps)")
+    ax_loss.plot(epochs, history["test_loss"], label="test L")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_acc.plot(epochs, history["train_accuracy"], label="train")
+    ax_acc.plot(epochs, history["test_accuracy"], label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    import jax
+
+    from . import checkpoint, train
+
+    config = _config(args)
+    if args.resume and not args.checkpoint_dir:
+        print("error: --resume needs --checkpoint-dir", file=sys.stderr)
+        return 2
+    layout = "image" if config["model"] == "cnn" else "flat"
+    try:
+        ds = data.load(config["dataset"], layout=layout, data_dir=args.data_dir)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    net = build_model(config, ds)
+    opt = train.optimizer(config["optimizer"], config["lr"])
+    state = train.init_state(net, opt, jax.random.key(config["seed"]), ds.input_shape, "float32")
+
+    ckpt = os.path.join(args.checkpoint_dir, checkpoint.FILENAME) if args.checkpoint_dir else None
+    history = {}
+    if args.resume:
+        try:
+            meta = _check_resume(ckpt, config)
+            state, meta = checkpoint.restore(ckpt, like=state)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        history = {k: list(v) for k, v in meta["history"].items()}
+        print(f"resumed {ckpt} at epoch {state.epoch} (step {state.step})")
+
+    print(
+        f"{config['dataset']}: {len(ds.x_train)} train / {len(ds.x_test)} test samples of shape "
+        f"{ds.input_shape}, {ds.classes} classes; {config['model']} with "
+        f"{sum(p.size for p in jax.tree.leaves(state.params))} parameters"
+    )
+    if not args.skip_gradcheck:
+        n = min(config["batch_size"], len(ds.x_train))
+        if not _gradcheck(net, state.params, ds.x_train[:n], ds.y_train[:n]):
+            print("error: manual gradients disagree with autodiff; not training", file=sys.stderr)
+            return 1
+
+    def on_epoch(state, record):
+        for k, v in record.items():
+            history.setdefault(k, []).append(v)
+        if ckpt:
+            checkpoint.save(ckpt, state, config=config, history=history)
+
+    try:
+        state, run_history = train.fit(
+            net, opt, state, ds, epochs=config["epochs"], batch_size=config["batch_size"],
+            grad=config["grad"], devices=args.devices, on_epoch=on_epoch, progress=True,
+        )
+    except train.NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if ckpt and os.path.exists(ckpt):
+            print(f"the last good checkpoint is {ckpt} (epoch {err.epoch - 1})", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    if not history.get("epoch"):
+        print(f"nothing to do: already at epoch {state.epoch} of {config['epochs']}")
+        return 0
+    times, steps = run_history["time"], run_history["steps"]
+    steady = len(times) > 1 and times[-1] > times[0]
+    rate = (steps - steps / len(times)) / (times[-1] - times[0]) if steady else steps / times[-1]
+    print(
+        f"test accuracy {history['test_accuracy'][-1]:.2%} (train {history['train_accuracy'][-1]:.2%}"
+        f", test loss {history['test_loss'][-1]:.4f}) after {state.epoch} epochs | "
+        f"{rate:,.0f} steps/s{' after the first epoch' if steady else ''} | "
+        f"{steps} steps in {times[-1]:.1f} s | device {run_history['device']} | "
+        f"wall {time.perf_counter() - start:.1f} s"
+    )
+    if args.plot:
+        plot_history(history, args.plot)
+        print(f"saved curves to {args.plot}")
+    return 0

@@ -1,0 +1,559 @@
+"""Gradient checks that say where a hand-written backward is wrong.
+
+``gradcheck(net, params, x, y)`` compares ``net.manual_backward`` with
+``jax.grad(net.loss)`` and with central finite differences, per parameter leaf,
+and compares every backpropagated signal ∂J/∂(input of layer i) with autodiff's
+to name the first layer, counting from the output, whose backward disagrees.
+``check_layer(layer, input_shape)`` does the same for one layer against
+``jax.vjp``. Both return a :class:`~jaxbp.gradcheck_report.GradReport`.
+
+Precision: the check runs in float64 by default, enabling ``jax_enable_x64``
+only inside the call (``jax.enable_x64``) and restoring the previous setting.
+Inputs are cast to the checked dtype.
+
+Tolerances (per row; ``scale = max|autodiff|`` of the row, ``G`` the largest
+``|autodiff|`` entry of the table, ε the dtype's machine epsilon):
+
+  manual vs autodiff   max|manual − autodiff| ≤ rtol·scale + 100·ε·G
+                       rtol = 1e-10 (float64), 1e-4 (float32)
+  finite differences   ∂J/∂θ_i ≈ (J(θ + h e_i) − J(θ − h e_i)) / (2h), h = ε^(1/3)
+                       (6.1e-6 float64, 4.9e-3 float32); it must match autodiff within
+                       fd_rtol·scale + 100·ε·(|J| + 1)/h, fd_rtol = 1e-6 (float64), 1e-2
+                       (float32). Leaves with at most ``fd_max_coords`` entries are
+                       checked at every coordinate; larger ones at ``fd_max_coords``
+                       distinct coordinates drawn by ``numpy.random.default_rng([seed,
+                       leaf number])`` (reproducible).
+
+Kinks: where finite differences disagree but manual = autodiff, the autodiff
+derivative is evaluated at θ ± h e_i. If those one-sided derivatives differ and
+bracket the finite difference, the step crossed a kink (ReLU at 0, a max-pool
+tie, a hinge at its margin) and the row says "kink" instead of failing. In
+float32, unexplained finite-difference disagreements are reported as
+"fd-noisy" and do not fail the check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from .gradcheck_report import GradReport, Row
+
+_KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
+_VMAP_ELEMENTS = 1 << 22  # finite differences vmap all perturbed copies of θ below this size
+# The checks run tiny programs once: a cheap compile beats an optimised one.
+_jit = functools.partial(
+    jax.jit,
+    compiler_options={
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+    },
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tolerances:
+    rtol: float  # manual vs autodiff, relative to max|autodiff| of the row
+    fd_rtol: float  # finite differences vs autodiff, same scale
+    eps: float  # machine epsilon
+
+    @property
+    def fd_step(self) -> float:
+        return float(np.cbrt(self.eps))
+
+
+TOLERANCES = {
+    "float64": _Tolerances(rtol=1e-10, fd_rtol=1e-6, eps=float(np.finfo(np.float64).eps)),
+    "float32": _Tolerances(rtol=1e-4, fd_rtol=1e-2, eps=float(np.finfo(np.float32).eps)),
+}
+
+FLOAT32_WARNING = (
+    "float32 check: finite differences are unreliable in float32 (rounding noise ~ε/h); "
+    "their disagreements are reported as fd-noisy, not failures. Prefer the float64 default."
+)
+
+
+def _dtype_name(dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise ValueError(f"gradcheck: dtype must be float64 or float32; got {dtype!r}")
+    return name
+
+
+@contextlib.contextmanager
+def _precision(dtype: str):
+    """Enable (float64) or disable (float32) x64 for the check only; yield a description."""
+    before = bool(jax.config.jax_enable_x64)
+    want = dtype == "float64"
+    if want == before:
+        line = f"{dtype} (jax_enable_x64 is {'on' if before else 'off'}; unchanged)"
+    else:
+        state = "enabled" if want else "disabled"
+        line = f"{dtype} (jax_enable_x64 {state} for this check only; previous setting restored)"
+    with jax.enable_x64(want):
+        yield line
+
+
+def _cast(tree, dtype: str):
+    """Floating leaves to ``dtype``; integer leaves to the current default int width."""
+
+    def cast(a):
+        a = np.asarray(a)
+        return jnp.asarray(a, dtype) if np.issubdtype(a.dtype, np.floating) else jnp.asarray(a)
+
+    return jax.tree.map(cast, tree)
+
+
+def fd_coordinates(sizes, max_coords: int, seed: int) -> list[np.ndarray]:
+    """Per leaf, the flat indices finite differences check.
+
+    Every index of a leaf with at most ``max_coords`` entries; otherwise
+    ``max_coords`` distinct indices drawn by ``numpy.random.default_rng([seed, leaf])``,
+    sorted. ``max_coords=0`` checks nothing.
+    """
+    out = []
+    for leaf, size in enumerate(sizes):
+        if size <= max_coords:
+            out.append(np.arange(size))
+        else:
+            rng = np.random.default_rng([seed, leaf])
+            out.append(np.sort(rng.choice(size, max_coords, replace=False)))
+    return out
+
+
+def _central_differences(J, theta, index, step: float):
+    """``(J(θ + h e_i) − J(θ − h e_i)) / ((θ_i + h) − (θ_i − h))`` for each flat index i.
+
+    All 2k evaluations run as one ``vmap`` when the perturbed copies of θ are small,
+    else as ``lax.map`` in batches of 32 (bounded memory).
+    """
+    flat, unravel = ravel_pytree(theta)
+    k = index.shape[0]
+    if k == 0:
+        return jnp.zeros((0,), flat.dtype)
+    signs = jnp.concatenate([jnp.ones((k,), flat.dtype), -jnp.ones((k,), flat.dtype)])
+
+    def J_at(args):
+        i, s = args
+        return J(unravel(flat.at[i].add(s * step)))
+
+    args = (jnp.concatenate([index, index]), signs)
+    if 2 * k * flat.size <= _VMAP_ELEMENTS:
+        values = jax.vmap(J_at)(args)
+    else:
+        values = jax.lax.map(J_at, args, batch_size=32)
+    actual = (flat[index] + step) - (flat[index] - step)  # the step floating point took
+    return (values[:k] - values[k:]) / actual
+
+
+# ----------------------------------------------------------------------------- network
+@functools.partial(_jit, static_argnums=(0, 5))
+def _network_compute(net, params, x, y, fd_index, fd_step):
+    manual, manual_signals = net.manual_backward_with_signals(params, x, y)
+    J, auto = jax.value_and_grad(net.loss)(params, x, y)
+
+    def data_loss(perturbations):
+        """The data loss with a perturbation added to each layer's input and to ŷ."""
+        a = x
+        for i, layer in enumerate(net.layers):
+            if perturbations[i] is not None:
+                a = a + perturbations[i]
+            a, _ = layer.forward(params[i], a)
+        return net.loss_fn.value(a + perturbations[-1], y)
+
+    inputs, a = [], x
+    for i, layer in enumerate(net.layers):
+        inputs.append(a)
+        a, _ = layer.forward(params[i], a)
+    zeros = [jnp.zeros_like(v) if jnp.issubdtype(v.dtype, jnp.floating) else None for v in inputs]
+    auto_signals = jax.grad(data_loss)([*zeros, jnp.zeros_like(a)])
+    manual_seed = net.loss_fn.value_and_grad(a, y)[1]
+    fd = _central_differences(lambda p: net.loss(p, x, y), params, fd_index, fd_step)
+    return J, manual, [*manual_signals, manual_seed], auto, auto_signals, fd
+
+
+@functools.partial(_jit, static_argnums=0)
+def _network_autodiff(net, params, x, y):
+    return jax.grad(net.loss)(params, x, y)
+
+
+# ------------------------------------------------------------------------------- layer
+def _layer_J(layer, theta, dy):
+    params, x = theta
+    return jnp.sum(dy * layer.forward(params, x)[0])
+
+
+@functools.partial(_jit, static_argnums=(0, 5))
+def _layer_compute(layer, params, x, dy, fd_index, fd_step):
+    _, residuals = layer.forward(params, x)
+    manual = layer.backward(params, residuals, dy)
+    _, pullback = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)
+    auto = pullback(dy)
+    J = functools.partial(_layer_J, layer, dy=dy)
+    fd = _central_differences(J, (params, x), fd_index, fd_step)
+    return J((params, x)), manual, auto, fd
+
+
+@functools.partial(_jit, static_argnums=0)
+def _layer_autodiff(layer, theta, dy):
+    return jax.grad(functools.partial(_layer_J, layer, dy=dy))(theta)
+
+
+# ------------------------------------------------------------------------- comparison
+def _path(keypath, prefix: str) -> str:
+    out = prefix
+    for k in keypath:
+        if isinstance(k, jax.tree_util.SequenceKey):
+            out += f"[{k.idx}]"
+        elif isinstance(k, jax.tree_util.DictKey):
+            out += f".{k.key}" if out else str(k.key)
+        else:
+            out += jax.tree_util.keystr((k,))
+    return out
+
+
+def _cosine(m, a) -> float:
+    nm, na = np.linalg.norm(m), np.linalg.norm(a)
+    if nm == 0 and na == 0:
+        return 1.0
+    if nm == 0 or na == 0:
+        return 0.0
+    return float(np.clip(np.vdot(m, a) / (nm * na), -1.0, 1.0))
+
+
+@dataclasses.dataclass
+class _Compared:
+    """Everything a row needs; ``disagrees`` is manual ≠ autodiff (what blame uses)."""
+
+    row: Row
+    disagrees: bool
+
+
+def _compare(path, manual, auto, tol, atol, fd=None) -> _Compared:
+    """One row. ``fd`` is ``(index, values, fd_tol, explain)`` or None."""
+    m, a = np.asarray(manual, np.float64), np.asarray(auto, np.float64)
+    shape = tuple(int(s) for s in a.shape)
+    if m.shape != a.shape:
+        detail = f"manual gradient has shape {m.shape}, expected {shape}"
+        row = Row(
+            path,
+            shape,
+            float(np.linalg.norm(m)),
+            float(np.linalg.norm(a)),
+            float("inf"),
+            float("inf"),
+            0.0,
+            0,
+            None,
+            "FAIL",
+            detail,
+        )
+        return _Compared(row, True)
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    denom = max(scale, np.finfo(np.float64).tiny)
+    err = float(np.max(np.abs(m - a))) if a.size else 0.0
+    finite = bool(np.all(np.isfinite(m)) and np.all(np.isfinite(a)))
+    disagrees = not (finite and err <= tol.rtol * scale + atol)
+    status, detail = (
+        ("FAIL", f"manual ≠ autodiff (rel err {err / denom:.2e})") if disagrees else ("ok", "")
+    )
+    fd_coords, fd_rel = 0, None
+    if fd is not None and fd[0].size:
+        index, values, fd_tol, explain = fd
+        fd_coords = int(index.size)
+        fd_rel = float(np.max(np.abs(m.ravel()[index] - values)) / denom)
+        off = np.abs(a.ravel()[index] - values) > fd_tol
+        if disagrees and not off.any():
+            detail += "; finite differences side with autodiff"
+        elif not disagrees and off.any():
+            probes = index[off][:_KINK_PROBES]
+            probe_values = values[off][:_KINK_PROBES]
+            worst = float(np.max(np.abs(a.ravel()[index] - values)))
+            if all(explain(i, v, fd_tol) for i, v in zip(probes, probe_values, strict=True)):
+                status = "kink"
+                detail = (
+                    f"finite differences cross a kink at {int(off.sum())} coordinate(s) "
+                    "(the one-sided autodiff derivatives differ); manual = autodiff"
+                )
+            elif tol.eps > 1e-10:
+                status = "fd-noisy"
+                detail = (
+                    f"finite differences disagree with autodiff by {worst:.2e} "
+                    "(float32: unreliable)"
+                )
+            else:
+                status = "FAIL"
+                detail = (
+                    f"manual = autodiff, but both disagree with finite differences by "
+                    f"{worst:.2e}: is the forward pass differentiable as written?"
+                )
+    row = Row(
+        path,
+        shape,
+        float(np.linalg.norm(m)),
+        float(np.linalg.norm(a)),
+        err,
+        err / denom,
+        _cosine(m.ravel(), a.ravel()),
+        fd_coords,
+        fd_rel,
+        status,
+        detail,
+    )
+    return _Compared(row, disagrees)
+
+
+def _kink_explainer(grad_at, theta, leaf: int, tol):
+    """``explain(i, fd_value, fd_tol)``: does a kink within ±h of coordinate i explain fd?"""
+    leaves, treedef = jax.tree.flatten(theta)
+    h = tol.fd_step
+
+    def explain(i, fd_value, fd_tol) -> bool:
+        one_sided = []
+        for s in (1.0, -1.0):
+            shifted = np.array(leaves[leaf])
+            shifted.ravel()[i] += s * h
+            moved = treedef.unflatten([*leaves[:leaf], jnp.asarray(shifted), *leaves[leaf + 1 :]])
+            g = jax.tree.leaves(grad_at(moved))[leaf]
+            one_sided.append(float(np.asarray(g).ravel()[i]))
+        lo, hi = min(one_sided), max(one_sided)
+        return hi - lo > fd_tol and lo - fd_tol <= fd_value <= hi + fd_tol
+
+    return explain
+
+
+def _leaf_rows(paths, manual, auto, theta, index, fd_values, J, tol, atol, grad_at):
+    """Rows for the leaves of ``theta`` (finite differences split back per leaf)."""
+    fd_tol_abs = 100 * tol.eps * (abs(J) + 1) / tol.fd_step
+    rows, start = [], 0
+    for leaf, (path, m, a) in enumerate(zip(paths, manual, auto, strict=True)):
+        k = index[leaf].size
+        vals = np.asarray(fd_values[start : start + k], np.float64)
+        start += k
+        scale = float(np.max(np.abs(np.asarray(a)))) if np.size(a) else 0.0
+        fd_tol = tol.fd_rtol * scale + fd_tol_abs
+        explain = _kink_explainer(grad_at, theta, leaf, tol)
+        rows.append(_compare(path, m, a, tol, atol, (index[leaf], vals, fd_tol, explain)))
+    return rows
+
+
+def _global_atol(tol, autos) -> float:
+    g = max((float(np.max(np.abs(np.asarray(a)))) for a in autos if np.size(a)), default=0.0)
+    return 100 * tol.eps * g
+
+
+def _flat_index(theta, fd_max_coords: int, seed: int):
+    sizes = [int(np.size(v)) for v in jax.tree.leaves(theta)]
+    index = fd_coordinates(sizes, fd_max_coords, seed)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    flat = np.concatenate(
+        [i + o for i, o in zip(index, offsets, strict=True)] or [np.zeros(0, int)]
+    )
+    return index, jnp.asarray(flat, jnp.int32)
+
+
+def _notes(tol, dtype, fd_max_coords, seed):
+    notes = [
+        f"tolerance: max|manual - autodiff| <= {tol.rtol:g}*max|autodiff| + 100*eps*G per row "
+        "(G: the largest |autodiff| entry of the table)",
+        f"finite differences: central, h = {tol.fd_step:.2g}; every coordinate of leaves with "
+        f"<= {fd_max_coords} entries, else {fd_max_coords} drawn with seed {seed}",
+    ]
+    if dtype == "float32":
+        warnings.warn(FLOAT32_WARNING, UserWarning, stacklevel=3)
+        notes.append(FLOAT32_WARNING)
+    return notes
+
+
+def gradcheck(
+    net, params, x, y, *, dtype="float64", fd_max_coords: int = 32, seed: int = 0
+) -> GradReport:
+    """Check ``net.manual_backward`` against ``jax.grad(net.loss)`` and finite differences.
+
+    Args:
+      net: a ``jaxbp.Sequential`` (or anything with ``layers``, ``loss_fn``, ``loss``
+        and ``manual_backward_with_signals``).
+      params: its parameter pytree (one dict per layer).
+      x: inputs (batch, ...); y: targets or integer labels.
+      dtype: "float64" (default; x64 is enabled for the check only) or "float32"
+        (warns: finite differences are unreliable there).
+      fd_max_coords: finite differences check every coordinate of leaves this small,
+        and this many seeded random coordinates of larger leaves; 0 turns them off.
+      seed: seeds the choice of finite-difference coordinates.
+
+    Returns:
+      A :class:`GradReport`: ``report.ok``, ``print(report)``, ``report.to_dict()``;
+      ``report.first_divergence`` names the first layer, counting from the output,
+      whose backward disagrees with autodiff.
+
+    Example:
+      >>> from jaxbp import gradcheck, models
+      >>> report = gradcheck(*models.worked_example())
+      >>> report.ok, report.row("layers[2].W").rel_err < 1e-12
+      (True, True)
+    """
+    dtype = _dtype_name(dtype)
+    tol = TOLERANCES[dtype]
+    notes = _notes(tol, dtype, fd_max_coords, seed)
+    with _precision(dtype) as precision:
+        params, x, y = _cast((list(params), x, y), dtype)
+        index, flat_index = _flat_index(params, fd_max_coords, seed)
+        J, manual, m_sig, auto, a_sig, fd = jax.device_get(
+            _network_compute(net, params, x, y, flat_index, tol.fd_step)
+        )
+        J = float(J)
+        keyed = jax.tree_util.tree_flatten_with_path(params)[0]
+        paths = [_path(kp, "layers") for kp, _ in keyed]
+        manual_leaves = jax.tree.leaves(manual)
+        if len(manual_leaves) != len(paths):
+            raise ValueError(
+                f"gradcheck: manual_backward returned {len(manual_leaves)} leaves "
+                f"({jax.tree.structure(manual)}); params have {len(paths)} "
+                f"({jax.tree.structure(params)})"
+            )
+        auto_leaves = jax.tree.leaves(auto)
+        atol = _global_atol(tol, auto_leaves)
+
+        def grad_at(p):
+            return _network_autodiff(net, p, x, y)
+
+        param_rows = _leaf_rows(
+            paths, manual_leaves, auto_leaves, params, index, fd, J, tol, atol, grad_at
+        )
+    n = len(net.layers)
+    names = [f"layers[{i}].dx" for i in range(n)] + ["loss.dy_hat"]
+    present = [i for i in range(n + 1) if a_sig[i] is not None]
+    sig_atol = _global_atol(tol, [a_sig[i] for i in present])
+    signal_rows = {i: _compare(names[i], m_sig[i], a_sig[i], tol, sig_atol) for i in present}
+    return GradReport(
+        title=_describe(net),
+        dtype=dtype,
+        precision=precision,
+        loss=J,
+        params=tuple(c.row for c in param_rows),
+        signals=tuple(signal_rows[i].row for i in reversed(present)),
+        first_divergence=_blame(net, param_rows, signal_rows),
+        notes=tuple(notes),
+    )
+
+
+def _blame(net, param_rows, signal_rows) -> str | None:
+    """The first place, from the output down, where manual and autodiff disagree."""
+    n = len(net.layers)
+    if n in signal_rows and signal_rows[n].disagrees:
+        return f"loss ({net.loss_fn.name})"
+    for i in reversed(range(n)):
+        mine = [c for c in param_rows if c.row.path.startswith(f"layers[{i}].")]
+        if i in signal_rows:
+            mine.append(signal_rows[i])
+        if any(c.disagrees for c in mine):
+            return f"layers[{i}] ({net.layers[i].name})"
+    return None
+
+
+def _short(layer) -> str:
+    """``Dense(2)``, ``Sigmoid``: the layer's name and its first hyperparameter."""
+    fields = dataclasses.fields(layer) if dataclasses.is_dataclass(layer) else ()
+    return f"{layer.name}({getattr(layer, fields[0].name)!r})" if fields else layer.name
+
+
+def _describe(net) -> str:
+    stack = " -> ".join(_short(layer) for layer in net.layers)
+    decay = f", weight_decay={net.weight_decay:g}" if getattr(net, "weight_decay", 0) else ""
+    return f"{type(net).__name__}[{stack}] + {net.loss_fn!r}{decay}"
+
+
+def check_layer(
+    layer,
+    input_shape,
+    *,
+    batch: int = 3,
+    seed: int = 0,
+    dtype="float64",
+    params=None,
+    x=None,
+    dy=None,
+    fd_max_coords: int = 32,
+) -> GradReport:
+    """Check one layer's ``backward`` against ``jax.vjp`` of its ``forward``.
+
+    The scalar checked by finite differences is ``J = Σ dy ⊙ forward(params, x)``,
+    whose gradient is exactly the vector-Jacobian product ``backward`` computes.
+    Rows: one per parameter (``W``, ``b``, ...) and ``dx``.
+
+    Args:
+      layer: a jaxbp layer.
+      input_shape: the input shape without the batch axis.
+      batch: batch size of the random input.
+      seed: seeds params (``layer.init``), ``x`` and ``dy`` (standard normal) and
+        the finite-difference coordinates.
+      dtype, fd_max_coords: as for :func:`gradcheck`.
+      params, x, dy: use these instead of random ones.
+
+    Example:
+      >>> from jaxbp import check_layer, layers
+      >>> check_layer(layers.Dense(3), (4,)).ok
+      True
+    """
+    dtype = _dtype_name(dtype)
+    tol = TOLERANCES[dtype]
+    notes = _notes(tol, dtype, fd_max_coords, seed)
+    with _precision(dtype) as precision:
+        k_init, k_x, k_dy = jax.random.split(jax.random.key(seed), 3)
+        if params is None:
+            params = layer.init(k_init, tuple(input_shape), jnp.dtype(dtype))[0]
+        if x is None:
+            x = jax.random.normal(k_x, (batch, *input_shape), jnp.dtype(dtype))
+        params, x = _cast((params, x), dtype)
+        if dy is None:
+            y = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x)
+            dy = jax.random.normal(k_dy, y.shape, jnp.dtype(dtype))
+        dy = _cast(dy, dtype)
+        theta = (params, x)
+        index, flat_index = _flat_index(theta, fd_max_coords, seed)
+        J, (m_params, m_dx), (a_params, a_dx), fd = jax.device_get(
+            _layer_compute(layer, params, x, dy, flat_index, tol.fd_step)
+        )
+        keyed = jax.tree_util.tree_flatten_with_path(params)[0]
+        paths = [_path(kp, "") for kp, _ in keyed] + ["dx"]
+        manual_leaves = [*jax.tree.leaves(m_params), m_dx]
+        if len(manual_leaves) != len(paths):
+            raise ValueError(
+                f"check_layer: {layer.name}.backward returned dparams "
+                f"{jax.tree.structure(m_params)}; params are {jax.tree.structure(params)}"
+            )
+        auto_leaves = [*jax.tree.leaves(a_params), a_dx]
+
+        def grad_at(t):
+            return _layer_autodiff(layer, t, dy)
+
+        rows = _leaf_rows(
+            paths,
+            manual_leaves,
+            auto_leaves,
+            theta,
+            index,
+            fd,
+            float(J),
+            tol,
+            _global_atol(tol, auto_leaves),
+            grad_at,
+        )
+    bad = any(c.disagrees for c in rows)
+    return GradReport(
+        title=f"{layer!r} on input {(np.shape(x))}",
+        dtype=dtype,
+        precision=precision,
+        loss=float(J),
+        params=tuple(c.row for c in rows[:-1]),
+        signals=(rows[-1].row,),
+        first_divergence=repr(layer) if bad else None,
+        notes=tuple(notes),
+    )

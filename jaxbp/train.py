@@ -1,0 +1,412 @@
+"""Training with optax: one jitted step, epochs fused with ``lax.scan``, evaluation.
+
+A training step computes ``(J, ∂J/∂params)`` either by the hand-written backward
+pass (``grad="manual"``, ``net.manual_value_and_grad``) or by autodiff
+(``grad="autodiff"``, ``jax.value_and_grad(net.loss)``), then applies any optax
+``GradientTransformation``. Both give the same parameters up to rounding.
+
+Weight decay, two ways:
+
+* In the objective, ``J = L + λ/2 Σ‖W‖²`` (``Sequential(weight_decay=λ)``): the
+  gradient becomes ``∇L + λW`` and the optimizer sees that.
+* In the optimizer, ``optax.add_decayed_weights(λ, mask=decay_mask(net))`` adds
+  ``λW`` to the gradient it receives.
+
+For SGD (with or without momentum) these are the same update,
+``W ← W − η(∇L + λW) = (1 − ηλ)W − η∇L``, because the optimizer is linear in the
+gradient. For Adam they are not the same as decoupled decay: Adam divides the
+``λW`` term by ``√v̂`` along with ``∇L``, so weights with large gradients decay
+less; AdamW (``optax.adamw``) instead adds ``ηλW`` after the adaptive scaling.
+Chaining ``add_decayed_weights`` *before* ``optax.adam`` reproduces the
+L2-in-the-loss Adam exactly. ``decay_mask(net)`` decays only each layer's
+``decay_keys`` (weights and kernels, never biases), like the objective;
+``freeze(optimizer, ("b",))`` keeps the named parameters fixed.
+
+Example:
+  >>> import jax, optax
+  >>> from jaxbp import data, models, train
+  >>> ds = data.load("iris")
+  >>> net = models.mlp(hidden=(16,), classes=ds.classes)
+  >>> opt = optax.adam(1e-2)
+  >>> state = train.init_state(net, opt, jax.random.key(0), ds.input_shape, "float32")
+  >>> state, history = train.fit(net, opt, state, ds, epochs=20, batch_size=16)
+  >>> history["test_accuracy"][-1] > 0.8
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import parallel
+
+GRADS = ("manual", "autodiff")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+# At most this many training samples are re-evaluated after each epoch.
+TRAIN_EVAL_SAMPLES = 10_000
+# Forward passes for evaluation run over chunks of this many samples.
+EVAL_CHUNK = 1024
+
+
+class TrainState(NamedTuple):
+    """Everything that determines how training continues.
+
+    Attributes:
+      params: the network's parameter pytree.
+      opt_state: the optax state.
+      key: the PRNG key; each epoch splits off the key that shuffles it.
+      epoch: completed epochs.
+      step: completed optimizer steps.
+    """
+
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    epoch: int = 0
+    step: int = 0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; ``state`` is the last good state (end of the previous epoch)."""
+
+    def __init__(self, epoch: int, step: int, steps: int, global_step: int, value, state):
+        self.epoch, self.step, self.global_step, self.value, self.state = (
+            epoch, step, global_step, value, state,
+        )
+        super().__init__(
+            f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps} "
+            f"(global step {global_step}); the parameters from the end of epoch {epoch - 1} "
+            f"are kept"
+        )
+
+
+# --------------------------------------------------------------- optimizers
+
+
+def optimizer(name: str, learning_rate: float, momentum: float = 0.9):
+    """``"sgd"``, ``"momentum"`` (SGD with ``momentum``) or ``"adam"`` as an optax transform."""
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"optimizer: name must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+
+
+def decay_mask(net):
+    """An optax mask (a function of params): True on each layer's ``decay_keys`` leaves.
+
+    Use as ``optax.add_decayed_weights(λ, mask=decay_mask(net))`` to decay weights
+    and kernels but never biases — the leaves the objective ``λ/2 Σ‖W‖²`` covers.
+    """
+
+    def mask(params):
+        return [{k: k in layer.decay_keys for k in p} for layer, p in zip(net.layers, params)]
+
+    return mask
+
+
+def freeze(opt, keys=("b",)):
+    """``opt`` for every parameter except those named in ``keys``, which never change."""
+
+    def labels(params):
+        return [{k: "frozen" if k in keys else "train" for k in p} for p in params]
+
+    return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------- step
+
+
+def value_and_grad_fn(net, grad: str = "manual"):
+    """``(params, x, y) -> (J, ∂J/∂params)`` by hand (``"manual"``) or by ``"autodiff"``."""
+    if grad == "manual":
+        return net.manual_value_and_grad
+    if grad == "autodiff":
+        return jax.value_and_grad(net.loss)
+    raise ValueError(f"train: grad must be one of {', '.join(GRADS)}; got {grad!r}")
+
+
+def _step_fn(net, opt, grad):
+    value_and_grad = value_and_grad_fn(net, grad)
+
+    def step(params, opt_state, batch):
+        x, y = batch
+        loss, grads = value_and_grad(params, x, y)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss}
+
+    return step
+
+
+def make_train_step(net, opt, grad: str = "manual"):
+    """One jitted, pure optimizer step ``(params, opt_state, (x, y)) -> (params, opt_state, metrics)``.
+
+    ``metrics["loss"]`` is the objective ``J`` at the parameters before the step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxbp import models
+      >>> net = models.mlp(hidden=(8,), classes=3)
+      >>> params = net.init(jax.random.key(0), (4,))
+      >>> opt = optax.sgd(0.1)
+      >>> step = make_train_step(net, opt)
+      >>> x, y = jnp.ones((5, 4)), jnp.zeros(5, int)
+      >>> params, opt_state, m = step(params, opt.init(params), (x, y))
+      >>> m["loss"].shape
+      ()
+    """
+    return jax.jit(_step_fn(net, opt, grad))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
+def _init(net, opt, key, input_shape, dtype):
+    init_key, key = jax.random.split(key)
+    params = net.init(init_key, input_shape, dtype)
+    return params, opt.init(params), key
+
+
+def init_state(net, opt, key, input_shape, dtype=None) -> TrainState:
+    """Fresh parameters, optimizer state and PRNG key (split from ``key``), in one jitted call."""
+    dtype = None if dtype is None else np.dtype(dtype).name
+    return TrainState(*_init(net, opt, key, tuple(input_shape), dtype), 0, 0)
+
+
+# --------------------------------------------------------------- evaluation
+
+
+def accuracy(y_hat, y):
+    """Fraction of rows whose arg-max matches the integer label (or one-hot target's arg-max)."""
+    labels = y if y.ndim == 1 else jnp.argmax(y, axis=1)
+    return jnp.mean((jnp.argmax(y_hat, axis=1) == labels).astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _evaluate(net, params, x, y, batch_sharding):
+    n = x.shape[0]
+    chunk = min(n, EVAL_CHUNK)
+    if batch_sharding is not None:  # every chunk must split evenly over the devices
+        devices = batch_sharding.mesh.size
+        chunk = -(-chunk // devices) * devices
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(chunks, chunk, *x.shape[1:])
+
+    def forward(xc):
+        if batch_sharding is not None:
+            xc = jax.lax.with_sharding_constraint(xc, batch_sharding)
+        return net.forward(params, xc)
+
+    y_hat = jax.lax.map(forward, xs).reshape(chunks * chunk, -1)[:n]
+    return net.loss_fn.value(y_hat, y), accuracy(y_hat, y)
+
+
+def evaluate(net, params, x, y, mesh=None):
+    """``(L, accuracy)`` over all of ``(x, y)``: the data loss without weight decay, jitted."""
+    return _evaluate(net, params, x, y, parallel.batch_sharding(mesh))
+
+
+# ---------------------------------------------------------------- epochs
+
+
+def _epoch_indices(key, n, steps, batch_size):
+    """Split ``key``; the new subkey shuffles ``n`` samples into ``steps`` batches."""
+    key, shuffle = jax.random.split(key)
+    perm = jax.random.permutation(shuffle, n)[: steps * batch_size]
+    return key, perm.reshape(steps, batch_size)
+
+
+def _fused_epoch(step, steps, batch_size, batch_sharding):
+    """One epoch as a single jitted ``lax.scan`` over its steps; the data stays on device."""
+
+    def epoch(params, opt_state, key, x, y):
+        key, idx = _epoch_indices(key, x.shape[0], steps, batch_size)
+
+        def body(carry, i):
+            batch = (x[i], y[i])
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            params, opt_state, metrics = step(*carry, batch)
+            return (params, opt_state), metrics["loss"]
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), idx)
+        return params, opt_state, key, losses
+
+    return jax.jit(epoch)
+
+
+def _looped_epoch(step, steps, batch_size, mesh):
+    """One epoch as a Python loop over a jitted step; batches are gathered on the host."""
+    jit_step = jax.jit(step)
+    indices = jax.jit(_epoch_indices, static_argnums=(1, 2, 3))
+
+    def epoch(params, opt_state, key, x, y):
+        key, idx = indices(key, x.shape[0], steps, batch_size)
+        losses = []
+        for i in np.asarray(idx):
+            batch = parallel.shard_batch((x[i], y[i]), mesh)
+            params, opt_state, metrics = jit_step(params, opt_state, batch)
+            losses.append(metrics["loss"])
+        return params, opt_state, key, jnp.stack(losses)
+
+    epoch.compiled = (jit_step, indices)
+    return epoch
+
+
+def _fits_on_device(nbytes: int, device) -> bool:
+    """Fuse epochs when the training data takes at most a quarter of device memory."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit", 4 * 2**30)
+    return nbytes <= limit // 4
+
+
+def fit(
+    net,
+    opt,
+    state: TrainState,
+    data,
+    *,
+    epochs: int,
+    batch_size: int,
+    grad: str = "manual",
+    devices: int | None = None,
+    fused: bool | None = None,
+    on_epoch=None,
+    progress: bool = False,
+):
+    """Train until ``state.epoch == epochs``; return ``(state, history)``.
+
+    Each epoch splits ``state.key``, shuffles the training split with the new
+    subkey, and takes ``len(x_train) // batch_size`` steps (the remainder is left
+    out of that epoch, so every step has the same shape and nothing recompiles).
+    It then evaluates the test split and at most ``TRAIN_EVAL_SAMPLES`` training
+    samples. Given the same state and data, the result is deterministic, so
+    ``fit(..., epochs=2N)`` equals ``fit(..., epochs=N)`` followed by another
+    ``fit(..., epochs=2N)`` from the returned (or checkpointed) state.
+
+    Args:
+      net: a ``Sequential``.
+      opt: an optax ``GradientTransformation`` (``state.opt_state`` is its state).
+      state: a ``TrainState`` (``init_state`` or a restored checkpoint).
+      data: a ``jaxbp.data.Dataset`` (or anything with ``x_train``, ``y_train``,
+        ``x_test``, ``y_test``).
+      epochs: the epoch to stop after (counting from 0, so a restored state
+        continues where it stopped).
+      batch_size: samples per step; divisible by the number of devices.
+      grad: ``"manual"`` or ``"autodiff"``.
+      devices: devices for data parallelism (``jaxbp.parallel``); ``None`` uses
+        every visible device, 1 a single device.
+      fused: run each epoch as one ``lax.scan`` with the data on the device; ``None``
+        decides by the data's size; ``False`` loops over a jitted step in Python.
+      on_epoch: called as ``on_epoch(state, record)`` after each epoch (e.g. to
+        save a checkpoint); ``record`` holds that epoch's history entries.
+      progress: show a tqdm bar over the epochs with loss and accuracy.
+
+    Returns:
+      ``(state, history)``; ``history`` maps ``epoch``, ``train_loss`` (mean ``J``
+      over the epoch's steps), ``train_accuracy``, ``test_loss`` (data loss ``L``),
+      ``test_accuracy`` and ``time`` (seconds since ``fit`` started, compilation
+      included) to per-epoch lists, plus ``steps`` (steps taken) and ``device``.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN or Inf; names the epoch and the
+        step; ``on_epoch`` is not called for that epoch.
+    """
+    mesh = parallel.data_mesh(devices)
+    n_devices = 1 if mesh is None else mesh.size
+    n = len(data.x_train)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"fit: batch_size must be a positive int; got {batch_size!r}")
+    if batch_size > n:
+        raise ValueError(f"fit: batch_size {batch_size} exceeds the {n} training samples")
+    if batch_size % n_devices:
+        raise ValueError(
+            f"fit: batch_size {batch_size} must be divisible by the number of devices "
+            f"({n_devices}) for data parallelism"
+        )
+    steps = n // batch_size
+    first = parallel.devices(mesh)[0]
+    if fused is None:
+        fused = _fits_on_device(data.x_train.nbytes + data.y_train.nbytes, first)
+
+    # The training data goes to the device(s) once (replicated: every device can
+    # gather any batch); the looped path keeps it on the host instead.
+    put = functools.partial(parallel.replicate, mesh=mesh)
+    x_train, y_train = (put(a) if fused else np.asarray(a) for a in (data.x_train, data.y_train))
+    m = min(n, TRAIN_EVAL_SAMPLES)
+    x_seen, y_seen = put(data.x_train[:m]), put(data.y_train[:m])
+    x_test, y_test = put(data.x_test), put(data.y_test)
+    params, opt_state, key = put(state.params), put(state.opt_state), put(state.key)
+
+    step = _step_fn(net, opt, grad)
+    if fused:
+        run_epoch = _fused_epoch(step, steps, batch_size, parallel.batch_sharding(mesh))
+    else:
+        run_epoch = _looped_epoch(step, steps, batch_size, mesh)
+
+    history = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
+                               "test_accuracy", "time")}
+    kind = first.platform if first.device_kind == first.platform else first.device_kind
+    history["steps"], history["device"] = 0, f"{n_devices} × {kind}"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", desc="train")
+    start = time.perf_counter()
+    epoch, global_step = state.epoch, state.step
+    try:
+        while epoch < epochs:
+            params_next, opt_next, key_next, losses = run_epoch(
+                params, opt_state, key, x_train, y_train
+            )
+            losses = np.asarray(losses)
+            bad = ~np.isfinite(losses)
+            if bad.any():
+                i = int(np.argmax(bad))
+                good = TrainState(params, opt_state, key, epoch, global_step)
+                raise NonFiniteLossError(
+                    epoch + 1, i + 1, steps, global_step + i + 1, losses[i], good
+                )
+            params, opt_state, key = params_next, opt_next, key_next
+            epoch, global_step = epoch + 1, global_step + steps
+            test_loss, test_acc = evaluate(net, params, x_test, y_test, mesh)
+            _, train_acc = evaluate(net, params, x_seen, y_seen, mesh)
+            record = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "train_accuracy": float(train_acc),
+                "test_loss": float(test_loss),
+                "test_accuracy": float(test_acc),
+                "time": time.perf_counter() - start,
+            }
+            for k, v in record.items():
+                history[k].append(v)
+            history["steps"] += steps
+            state = TrainState(params, opt_state, key, epoch, global_step)
+            if on_epoch is not None:
+                on_epoch(state, record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                acc=f"{record['train_accuracy']:.3f}",
+                                test_acc=f"{record['test_accuracy']:.3f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    history["compiled"] = _compile_counts(run_epoch)
+    return state, history
+
+
+def _compile_counts(run_epoch) -> int:
+    """How many programs the epoch function compiled (1 when nothing recompiled)."""
+    fns = getattr(run_epoch, "compiled", (run_epoch,))
+    return sum(f._cache_size() for f in fns)

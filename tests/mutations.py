@@ -1,0 +1,244 @@
+"""A catalogue of plausible wrong backward passes, to measure gradcheck's power.
+
+Each mutation is a test-only subclass of a layer, loss or network whose backward
+has one classic bug; its forward is untouched, so autodiff of the mutated
+network is still the true gradient. ``MUTATIONS`` pairs each with a network it
+silently runs in (no shape error) and with what ``gradcheck`` must report: the
+first divergence from the output and the exact set of failing rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import Sequential, layers, losses, models
+from jaxbp.layers.activations import OutputResiduals
+
+
+# ------------------------------------------------------------------------- layers
+class SigmoidMissingDerivative(layers.Sigmoid):
+    """Forgets the σ' factor: dx = dy instead of dy ⊙ y(1 − y)."""
+
+    def backward(self, params, residuals, dy):
+        return {}, dy
+
+
+class DenseWNotTransposed(layers.Dense):
+    """dx = dy W instead of dy Wᵀ: runs silently when W is square."""
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        return dparams, dy @ params["W"]
+
+
+class DenseBiasNotSummed(layers.Dense):
+    """db = dy[0]: the bias gradient of one sample, not summed over the batch."""
+
+    def backward(self, params, residuals, dy):
+        dparams, dx = super().backward(params, residuals, dy)
+        return {**dparams, "b": dy[0]}, dx
+
+
+class DenseUpdatedWeights(layers.Dense):
+    """Backpropagates dx through already-updated weights ``W − lr·dW``.
+
+    The bug the worked example warns about: updating the output layer before
+    computing the hidden layers' gradients, which need the original weights.
+    """
+
+    lr: ClassVar[float] = 0.5
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        return dparams, dy @ (params["W"] - self.lr * dparams["W"]).T
+
+
+class ReLUMaskFromOutput(layers.ReLU):
+    """Masks with ``y ≥ 0`` computed from the output ``y = relu(x)``.
+
+    ``y > 0`` would be the same as ``x > 0``, but the output is never negative,
+    so ``y ≥ 0`` keeps every unit: the gradient leaks through dead units.
+    """
+
+    def forward(self, params, x):
+        y = jax.nn.relu(x)
+        return y, OutputResiduals(y=y)
+
+    def backward(self, params, residuals, dy):
+        return {}, jnp.where(residuals.y >= 0, dy, 0)
+
+
+class ReLUMaskFromGradient(layers.ReLU):
+    """Masks with the incoming gradient's sign, ``dy > 0``, instead of ``x > 0``."""
+
+    def backward(self, params, residuals, dy):
+        return {}, jnp.where(dy > 0, dy, 0)
+
+
+# ------------------------------------------------------------------------- losses
+class HalfSquaredErrorDoubled(losses.HalfSquaredError):
+    """The ½ of ``½(o − t)²`` doubled in the gradient: 2(o − t)/batch instead of (o − t)/batch."""
+
+    def value_and_grad(self, y_hat, y):
+        value, grad = super().value_and_grad(y_hat, y)
+        return value, 2.0 * grad
+
+
+class SoftmaxCrossEntropyNoBatchMean(losses.SoftmaxCrossEntropy):
+    """softmax(z) − t without the 1/batch of the batch-mean loss."""
+
+    def value_and_grad(self, y_hat, y):
+        value, grad = super().value_and_grad(y_hat, y)
+        return value, y_hat.shape[0] * grad
+
+
+# ------------------------------------------------------------------------ network
+class SequentialNoDecayGradient(Sequential):
+    """The objective has λ/2 Σ‖W‖², but the gradient leaves out the λW term."""
+
+    def manual_backward_with_signals(self, params, x, y):
+        grads, signals = super().manual_backward_with_signals(params, x, y)
+        grads = [
+            {k: g - self.weight_decay * p[k] if k in layer.decay_keys else g for k, g in d.items()}
+            for layer, p, d in zip(self.layers, params, grads, strict=True)
+        ]
+        return grads, signals
+
+
+# ------------------------------------------------------------------------- cases
+def dense_case(stack, loss, in_features, batch, weight_decay=0.0, seed=0, int_labels=False):
+    """(net, params, x, y) with random float64 params, inputs and targets."""
+    net = Sequential(stack, loss=loss, weight_decay=weight_decay)
+    k_init, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
+    params = net.init(k_init, (in_features,), jnp.float64)
+    x = jax.random.normal(k_x, (batch, in_features), jnp.float64)
+    (classes,) = net.output_shape((in_features,))
+    if int_labels:
+        y = jax.random.randint(k_y, (batch,), 0, classes)
+    else:
+        y = jax.random.uniform(k_y, (batch, classes), jnp.float64)
+    return net, params, x, y
+
+
+def replace_layer(net, i, layer):
+    stack = list(net.layers)
+    stack[i] = layer
+    return Sequential(stack, loss=net.loss_fn, weight_decay=net.weight_decay)
+
+
+def replace_loss(net, loss):
+    return Sequential(net.layers, loss=loss, weight_decay=net.weight_decay)
+
+
+def _tanh3(weight_decay=0.0):
+    """3 → 3 → 3 → 2 tanh MLP with MSE; every hidden W is square."""
+    stack = [layers.Dense(3), layers.Tanh(), layers.Dense(3), layers.Tanh(), layers.Dense(2)]
+    return dense_case(stack, losses.MeanSquaredError(), 3, 4, weight_decay)
+
+
+def _sigmoid_hse():
+    stack = [layers.Dense(3), layers.Sigmoid(), layers.Dense(2), layers.Sigmoid()]
+    return dense_case(stack, losses.HalfSquaredError(), 2, 4)
+
+
+def _relu_ce():
+    stack = [layers.Dense(6), layers.ReLU(), layers.Dense(3)]
+    return dense_case(stack, losses.SoftmaxCrossEntropy(), 4, 5, int_labels=True)
+
+
+def _worked_example():
+    with jax.enable_x64(True):
+        return models.worked_example(jnp.float64)
+
+
+EVERY = "all"  # stands for every row of the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    """A correct case, how to break it, and what gradcheck must then report."""
+
+    name: str
+    case: Callable[[], tuple]  # () -> (net, params, x, y), correct
+    mutate: Callable[[Sequential], Sequential]
+    blame: str  # expected report.first_divergence
+    failing: frozenset[str] | str  # expected failing rows, or EVERY
+
+
+def _below(i, rows=("W", "b")):
+    """Row names of the layers below ``i`` when every one of them has W and b."""
+    return {f"layers[{j}].dx" for j in range(i + 1)} | {
+        f"layers[{j}].{k}" for j in range(0, i, 2) for k in rows
+    }
+
+
+MUTATIONS = [
+    Mutation(
+        "missing sigma'",
+        _sigmoid_hse,
+        lambda net: replace_layer(net, 1, SigmoidMissingDerivative()),
+        "layers[1] (SigmoidMissingDerivative)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "W instead of W^T",
+        _tanh3,
+        lambda net: replace_layer(net, 2, DenseWNotTransposed(3)),
+        "layers[2] (DenseWNotTransposed)",
+        frozenset(_below(2)),
+    ),
+    Mutation(
+        "bias not summed over the batch",
+        _tanh3,
+        lambda net: replace_layer(net, 4, DenseBiasNotSummed(2)),
+        "layers[4] (DenseBiasNotSummed)",
+        frozenset({"layers[4].b"}),
+    ),
+    Mutation(
+        "lambda*W left out",
+        lambda: _tanh3(weight_decay=0.1),
+        lambda net: SequentialNoDecayGradient(net.layers, net.loss_fn, net.weight_decay),
+        "layers[4] (Dense)",
+        frozenset({"layers[0].W", "layers[2].W", "layers[4].W"}),
+    ),
+    Mutation(
+        "1/2 factor doubled",
+        _sigmoid_hse,
+        lambda net: replace_loss(net, HalfSquaredErrorDoubled()),
+        "loss (HalfSquaredErrorDoubled)",
+        EVERY,
+    ),
+    Mutation(
+        "hidden gradients with updated output weights",
+        _worked_example,
+        lambda net: replace_layer(net, 2, DenseUpdatedWeights(2)),
+        "layers[2] (DenseUpdatedWeights)",
+        frozenset(_below(2)),
+    ),
+    Mutation(
+        "ReLU mask from the output (y >= 0)",
+        _relu_ce,
+        lambda net: replace_layer(net, 1, ReLUMaskFromOutput()),
+        "layers[1] (ReLUMaskFromOutput)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "ReLU mask from the gradient (dy > 0)",
+        _relu_ce,
+        lambda net: replace_layer(net, 1, ReLUMaskFromGradient()),
+        "layers[1] (ReLUMaskFromGradient)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "softmax-CE gradient missing 1/batch",
+        _relu_ce,
+        lambda net: replace_loss(net, SoftmaxCrossEntropyNoBatchMean()),
+        "loss (SoftmaxCrossEntropyNoBatchMean)",
+        EVERY,
+    ),
+]

@@ -1,0 +1,185 @@
+"""Checkpoints: exact round trips, clear errors, atomic writes under SIGKILL, exact resume."""
+
+import doctest
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+
+from jaxbp import checkpoint, cli, data, models, train
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(
+        np.array_equal(np.asarray(u), np.asarray(v))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def _state(hidden=(4,), steps=3):
+    """An Adam state a few steps in, so every leaf is non-trivial."""
+    net = models.mlp(hidden=hidden, classes=3)
+    opt = optax.adam(1e-2)
+    state = train.init_state(net, opt, jax.random.key(0), (5,), jnp.float32)
+    step = train.make_train_step(net, opt)
+    params, opt_state = state.params, state.opt_state
+    x, y = jnp.ones((6, 5), jnp.float32), jnp.arange(6) % 3
+    for _ in range(steps):
+        params, opt_state, _ = step(params, opt_state, (x, y))
+    return train.TrainState(params, opt_state, jax.random.split(state.key)[0], 2, steps)
+
+
+def test_doctests():
+    result = doctest.testmod(checkpoint)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_round_trip_is_exact(tmp_path):
+    state = _state()
+    path = tmp_path / "c.safetensors"
+    config, history = {"model": "mlp", "hidden": [4]}, {"test_accuracy": [0.5, 0.75]}
+    checkpoint.save(path, state, config=config, history=history)
+    restored, meta = checkpoint.restore(path, like=_state(steps=0))
+    assert _leaves_equal(restored.params, state.params)
+    assert _leaves_equal(restored.opt_state, state.opt_state)
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
+    assert (restored.epoch, restored.step) == (2, 3)
+    assert meta == {"epoch": 2, "step": 3, "config": config, "history": history}
+    assert [p for p in os.listdir(tmp_path)] == ["c.safetensors"]  # no temporary left behind
+
+
+def test_other_architecture_names_what_differs(tmp_path):
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, _state(hidden=(4,)))
+    with pytest.raises(ValueError, match=r"does not match the model \(9 differences\):\n"
+                       r"  params\[0\]\['W'\]: checkpoint has float32\[5, 4\], model expects "
+                       r"float32\[5, 8\]"):
+        checkpoint.restore(path, like=_state(hidden=(8,), steps=0))
+    with pytest.raises(ValueError, match=r"params\[4\]\['W'\] float32\[4, 3\] is in the model but not "
+                       r"in the checkpoint"):
+        checkpoint.restore(path, like=_state(hidden=(4, 4), steps=0))
+    like = _state(steps=0)
+    sgd = train.TrainState(like.params, optax.sgd(0.1).init(like.params), like.key)
+    with pytest.raises(ValueError, match=r"opt_state\[0\]\.mu\[0\]\['W'\] float32\[5, 4\] is in the "
+                       r"checkpoint but not in the model"):
+        checkpoint.restore(path, like=sgd)
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, _state())
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(ValueError, match="is not a readable safetensors file \\(truncated, corrupt"):
+        checkpoint.restore(path, like=_state(steps=0))
+    path.write_bytes(b'{"epoch": 3}')
+    with pytest.raises(ValueError, match="another kind of file, 12 bytes"):
+        checkpoint.read_metadata(path)
+    safetensors.numpy.save_file({"w": np.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match="a safetensors file but not a jaxbp checkpoint "
+                       "\\(metadata format=None"):
+        checkpoint.restore(path, like=_state(steps=0))
+    with pytest.raises(FileNotFoundError, match="checkpoint .*absent does not exist"):
+        checkpoint.read_metadata(tmp_path / "absent")
+
+
+_KILLED_WRITER = textwrap.dedent("""
+    import os, sys, time
+    import jax, numpy as np
+    from jaxbp import checkpoint, train
+    path = sys.argv[1]
+    def state(fill, epoch):
+        params = [{"W": np.full((512, 512), fill, np.float32)}]
+        return train.TrainState(params, (), jax.random.key(0), epoch, epoch)
+    checkpoint.save(path, state(1.0, 1))
+    real_fsync = os.fsync
+    def slow_fsync(fd):  # the second save stalls after writing its bytes
+        print("writing", flush=True)
+        time.sleep(60)
+        real_fsync(fd)
+    os.fsync = slow_fsync
+    checkpoint.save(path, state(2.0, 2))
+""")
+
+
+def test_killed_save_leaves_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "c.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        temps = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+        assert len(temps) == 1 and os.path.getsize(tmp_path / temps[0]) > 512 * 512 * 4
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    like = train.TrainState([{"W": np.zeros((512, 512), np.float32)}], (), jax.random.key(0))
+    state, meta = checkpoint.restore(path, like=like)
+    assert meta["epoch"] == 1 and np.all(state.params[0]["W"] == 1.0)
+
+
+# ----------------------------------------------------------------------- resume
+
+
+def test_resume_is_bit_identical(tmp_path):
+    ds = data.load("spirals")
+    net = models.mlp(hidden=(16,), classes=3)
+    opt = optax.adam(1e-2)
+    fresh = train.init_state(net, opt, jax.random.key(0), ds.input_shape, jnp.float32)
+    straight, _ = train.fit(net, opt, fresh, ds, epochs=4, batch_size=32)
+
+    path = tmp_path / "c.safetensors"
+    half, _ = train.fit(net, opt, fresh, ds, epochs=2, batch_size=32,
+                        on_epoch=lambda s, r: checkpoint.save(path, s))
+    restored, _ = checkpoint.restore(path, like=fresh)
+    resumed, history = train.fit(net, opt, restored, ds, epochs=4, batch_size=32)
+    assert history["epoch"] == [3, 4] and resumed.step == straight.step
+    assert _leaves_equal(resumed.params, straight.params)
+    assert _leaves_equal(resumed.opt_state, straight.opt_state)
+
+
+def test_divergence_keeps_last_good_checkpoint(tmp_path):
+    ds = data.load("spirals")
+    net = models.mlp(hidden=(16,), classes=3)
+    opt = optax.sgd(optax.piecewise_constant_schedule(0.05, {25: 1e30}))  # blows up in epoch 2
+    state = train.init_state(net, opt, jax.random.key(0), ds.input_shape, jnp.float32)
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(train.NonFiniteLossError, match="at epoch 2, step") as info:
+        train.fit(net, opt, state, ds, epochs=3, batch_size=32,
+                  on_epoch=lambda s, r: checkpoint.save(path, s))
+    kept, meta = checkpoint.restore(path, like=state)
+    assert meta["epoch"] == 1 and _leaves_equal(kept.params, info.value.state.params)
+
+
+def test_cli_resume_matches_uninterrupted_run(tmp_path, capsys):
+    common = ["train", "--dataset", "iris", "--batch-size", "16", "--skip-gradcheck"]
+    split, whole = str(tmp_path / "split"), str(tmp_path / "whole")
+    assert cli.main([*common, "--epochs", "2", "--checkpoint-dir", split]) == 0
+    assert cli.main([*common, "--epochs", "4", "--checkpoint-dir", split, "--resume"]) == 0
+    assert f"resumed {split}" in capsys.readouterr().out
+    assert cli.main([*common, "--epochs", "4", "--checkpoint-dir", whole]) == 0
+    a, b = (os.path.join(d, checkpoint.FILENAME) for d in (split, whole))
+    meta_a, meta_b = checkpoint.read_metadata(a), checkpoint.read_metadata(b)
+    for meta in (meta_a, meta_b):
+        assert meta["history"].pop("time")  # wall-clock, the only thing allowed to differ
+    assert meta_a == meta_b and meta_a["history"]["epoch"] == [1, 2, 3, 4]
+    assert safetensors.numpy.load_file(a).keys() == safetensors.numpy.load_file(b).keys()
+    for k, v in safetensors.numpy.load_file(a).items():
+        np.testing.assert_array_equal(v, safetensors.numpy.load_file(b)[k], err_msg=k)
+
+    assert cli.main([*common, "--epochs", "5", "--checkpoint-dir", split, "--resume",
+                     "--hidden", "8"]) == 2
+    assert "different setup: hidden [256] there, [8] now" in capsys.readouterr().err
+    assert cli.main([*common, "--epochs", "5", "--checkpoint-dir", str(tmp_path / "no"),
+                     "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""Datasets: shapes, deterministic splits, train-only standardisation, the IDX loader."""
+
+import doctest
+import gzip
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from jaxbp import data
+
+
+def test_doctests():
+    result = doctest.testmod(data)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def _raw_digits_split():
+    bunch = load_digits()
+    return train_test_split(
+        bunch.data, bunch.target, test_size=0.2, random_state=0, stratify=bunch.target
+    )
+
+
+def test_digits_flat_is_standardised_with_train_statistics_only():
+    ds = data.load("digits")
+    assert ds.x_train.shape == (1437, 64) and ds.x_test.shape == (360, 64)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    assert ds.classes == 10 and ds.input_shape == (64,)
+    # Rebuild the split and the standardisation by hand: μ, σ come from train only.
+    x_tr, x_te, _, y_te = _raw_digits_split()
+    mu, sd = x_tr.mean(0), x_tr.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    np.testing.assert_allclose(ds.x_test, (x_te - mu) / sd, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(ds.y_test, y_te)
+    live = x_tr.std(0) > 0
+    np.testing.assert_allclose(ds.x_train.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(ds.x_train.std(0)[live], 1, rtol=1e-4)
+    assert abs(ds.x_test.mean()) > 1e-3  # the test split was not standardised on itself
+
+
+def test_digits_images_are_nhwc_with_one_scalar_scale():
+    ds = data.load("digits", layout="image")
+    assert ds.x_train.shape == (1437, 8, 8, 1) and ds.input_shape == (8, 8, 1)
+    x_tr, x_te, y_tr, _ = _raw_digits_split()
+    np.testing.assert_array_equal(ds.y_train, y_tr)
+    mu, sd = x_tr.mean(), x_tr.std()  # one μ and σ over all training pixels
+    np.testing.assert_allclose(ds.x_test, ((x_te - mu) / sd).reshape(-1, 8, 8, 1), atol=1e-5)
+    np.testing.assert_allclose(ds.x_train, ((x_tr - mu) / sd).reshape(-1, 8, 8, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, features, classes, n",
+    [("iris", 4, 3, 150), ("breast_cancer", 30, 2, 569), ("spirals", 2, 3, 600), ("xor", 2, 2, 800)],
+)
+def test_tabular_and_synthetic_sets(name, features, classes, n):
+    ds = data.load(name)
+    assert ds.input_shape == (features,) and ds.classes == classes
+    assert len(ds.x_train) + len(ds.x_test) == n and len(ds.x_test) == pytest.approx(0.2 * n, abs=1)
+    assert set(np.unique(ds.y_test)) == set(range(classes))  # stratified
+    again = data.load(name)
+    np.testing.assert_array_equal(again.x_train, ds.x_train)  # deterministic
+    other = data.load(name, seed=1)
+    assert not np.array_equal(other.y_train, ds.y_train)
+
+
+def test_bad_requests():
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'; expected one of digits"):
+        data.load("cifar")
+    with pytest.raises(ValueError, match="layout='image' needs an image dataset.*iris is tabular"):
+        data.load("iris", layout="image")
+    with pytest.raises(ValueError, match="test_fraction must lie in \\(0, 1\\); got 1.5"):
+        data.load("iris", test_fraction=1.5)
+    with pytest.raises(ValueError, match="data_dir is required"):
+        data.load("mnist")
+
+
+# -------------------------------------------------------------------------- IDX
+
+_TYPE = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D,
+         np.float64: 0x0E}
+
+
+def _idx_bytes(a: np.ndarray) -> bytes:
+    header = bytes([0, 0, _TYPE[a.dtype.type], a.ndim]) + np.array(a.shape, ">u4").tobytes()
+    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
+
+
+def _write_mnist(directory, n_train=12, n_test=6, compress=True, size=5):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    for stem, a in arrays.items():
+        raw = _idx_bytes(a)
+        if compress:
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (directory / stem).write_bytes(raw)
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", list(_TYPE))
+def test_read_idx_round_trips_every_type(tmp_path, dtype):
+    a = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)
+    path = tmp_path / "a.idx"
+    path.write_bytes(_idx_bytes(a))
+    out = data.read_idx(path)
+    assert out.dtype == a.dtype and out.dtype.isnative
+    np.testing.assert_array_equal(out, a)
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
+@pytest.mark.parametrize("layout", ["flat", "image"])
+def test_mnist_loader(tmp_path, compress, layout):
+    arrays = _write_mnist(tmp_path, compress=compress)
+    ds = data.load("fashion-mnist", data_dir=tmp_path, layout=layout)
+    assert ds.name == "fashion-mnist" and ds.classes == 10
+    shape = (5, 5, 1) if layout == "image" else (25,)
+    assert ds.x_train.shape == (12, *shape) and ds.x_test.shape == (6, *shape)
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+    pixels = arrays["train-images-idx3-ubyte"].reshape(12, -1) / 255.0
+    expected = (pixels - pixels.mean(0)) / pixels.std(0) if layout == "flat" else \
+        (pixels - pixels.mean()) / pixels.std()
+    np.testing.assert_allclose(ds.x_train.reshape(12, -1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mnist_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data directory .*nowhere does not exist"):
+        data.load("mnist", data_dir=tmp_path / "nowhere")
+    _write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="missing IDX file t10k-labels-idx1-ubyte; looked "
+                       "for t10k-labels-idx1-ubyte.gz, t10k-labels-idx1-ubyte"):
+        data.load("mnist", data_dir=tmp_path)
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: not an IDX file .*got 3c 68 74 6d"):
+        data.load("mnist", data_dir=tmp_path)
+    full = _idx_bytes(np.zeros((6,), np.uint8))
+    bad.write_bytes(full[:-2])
+    with pytest.raises(ValueError, match=r"IDX file truncated: shape \(6,\) of uint8 needs 14 "
+                       r"bytes, got 12"):
+        data.load("mnist", data_dir=tmp_path)
+    bad.write_bytes(full + b"\0")
+    with pytest.raises(ValueError, match="IDX file has trailing bytes"):
+        data.load("mnist", data_dir=tmp_path)
+    bad.write_bytes(_idx_bytes(np.zeros((5,), np.uint8)))
+    with pytest.raises(ValueError, match=r"test images must be \(n, H, W\) and labels \(n,\) with "
+                       r"the same n; got \(6, 5, 5\) and \(5,\)"):
+        data.load("mnist", data_dir=tmp_path)
+    bad.unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(full)[:-6])
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz: corrupt gzip data"):
+        data.load("mnist", data_dir=tmp_path)

@@ -1,0 +1,107 @@
+"""Bad input raises a ValueError naming the layer, the argument and both shapes."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxbp import Sequential, layers, losses
+
+
+def mlp(loss=None):
+    net = Sequential(
+        [layers.Dense(4), layers.ReLU(), layers.Dense(3)],
+        loss=loss or losses.SoftmaxCrossEntropy(),
+    )
+    return net, net.init(jax.random.key(0), (2,))
+
+
+def test_wrong_feature_size_names_layer_and_shapes():
+    net, params = mlp()
+    msg = ("layers[0] Dense: input x has 5 features but W expects 2 (W shape (2, 4)); "
+           "got x shape (7, 5), expected (batch, 2)")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.forward(params, jnp.ones((7, 5)))
+
+
+def test_wrong_rank():
+    net, params = mlp()
+    msg = "layers[0] Dense: input x must have rank 2 (batch, features); got shape (2,) (rank 1)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.loss(params, jnp.ones((2,)), jnp.array([0]))
+
+
+def test_hand_built_params_with_wrong_shape_name_the_later_layer():
+    net, params = mlp()
+    params[2]["W"] = jnp.ones((5, 3))
+    with pytest.raises(ValueError, match=re.escape("layers[2] Dense: input x has 4 features "
+                                                   "but W expects 5")):
+        net.manual_backward(params, jnp.ones((1, 2)), jnp.array([0]))
+
+
+def test_labels_of_the_wrong_shape():
+    net, params = mlp()
+    msg = ("loss SoftmaxCrossEntropy: integer labels y must have shape (4,) for output (4, 3); "
+           "got (4, 1)")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.loss(params, jnp.ones((4, 2)), jnp.zeros((4, 1), int))
+
+
+@pytest.mark.parametrize("method", ["loss", "manual_backward", "manual_value_and_grad"])
+def test_labels_out_of_range_when_concrete(method):
+    net, params = mlp()
+    msg = ("loss SoftmaxCrossEntropy: integer labels must lie in [0, 3) for 3 classes; "
+           "got values in [0, 3]")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        getattr(net, method)(params, jnp.ones((2, 2)), jnp.array([0, 3]))
+    with pytest.raises(ValueError, match=re.escape("got values in [-1, 0]")):
+        jax.grad(net.loss)(params, jnp.ones((2, 2)), jnp.array([0, -1]))
+
+
+def test_targets_of_the_wrong_shape_for_regression():
+    net, params = mlp(losses.HalfSquaredError())
+    msg = ("loss HalfSquaredError: target y must have the shape of the network output (4, 3); "
+           "got (4, 2)")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.loss(params, jnp.ones((4, 2)), jnp.ones((4, 2)))
+
+
+def test_unknown_loss_target_combinations():
+    net, params = mlp(losses.Hinge())
+    with pytest.raises(ValueError, match=re.escape(
+            "loss Hinge: y must be integer labels of shape (4,); got dtype float")):
+        net.loss(params, jnp.ones((4, 2)), jnp.ones((4, 3)))
+    net, params = mlp()
+    with pytest.raises(ValueError, match=re.escape(
+            "loss SoftmaxCrossEntropy: y must be integer labels (4,) or probability targets "
+            "(4, 3); got shape (4,) with dtype float")):
+        net.loss(params, jnp.ones((4, 2)), jnp.ones((4,)))
+
+
+def test_params_of_the_wrong_structure():
+    net, params = mlp()
+    with pytest.raises(ValueError, match=re.escape(
+            "Sequential: params must be a list with one dict per layer (3); got 2")):
+        net.forward(params[:2], jnp.ones((1, 2)))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match=re.escape("Dense: units must be a positive int; got 0")):
+        layers.Dense(0)
+    with pytest.raises(ValueError, match=re.escape("Dense: init must be one of")):
+        layers.Dense(3, init="uniform")
+    with pytest.raises(ValueError, match=re.escape("Sequential: weight_decay must be >= 0; got -1.0")):
+        Sequential([layers.Dense(1)], loss=losses.MeanSquaredError(), weight_decay=-1)
+    with pytest.raises(ValueError, match=re.escape("Sequential: loss must be a jaxbp loss; got str")):
+        Sequential([layers.Dense(1)], loss="mse")
+    with pytest.raises(ValueError, match=re.escape(
+            "Sequential: layers[1] must be a jaxbp layer; got builtin_function_or_method")):
+        Sequential([layers.Dense(1), max], loss=losses.MeanSquaredError())
+
+
+def test_init_with_image_shape_for_dense():
+    net = Sequential([layers.Dense(3)], loss=losses.MeanSquaredError())
+    with pytest.raises(ValueError, match=re.escape(
+            "layers[0] Dense: input_shape must be (features,) (batch axis excluded); got (8, 8, 1)")):
+        net.init(jax.random.key(0), (8, 8, 1))

@@ -1,0 +1,67 @@
+"""gradcheck flags every wrong backward of the catalogue and names where it is wrong."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jaxbp import Sequential, gradcheck, layers, losses, with_manual_grad
+from tests.mutations import EVERY, MUTATIONS
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.name)
+def test_gradcheck_flags_mutation_and_names_where(mutation):
+    net, params, x, y = mutation.case()
+    assert gradcheck(net, params, x, y).ok, "the unmutated case must pass"
+
+    report = gradcheck(mutation.mutate(net), params, x, y)
+    assert not report.ok
+    assert report.first_divergence == mutation.blame, str(report)
+    failing = {r.path for r in report.failures}
+    expected = {r.path for r in report.rows} if mutation.failing == EVERY else mutation.failing
+    assert failing == expected, str(report)
+    assert f"first divergence from the output: {mutation.blame}" in str(report)
+
+
+class DenseZeroWeightGradient(layers.Dense):
+    """Returns dW = 0: the whole first-layer weight gradient is missing."""
+
+    def backward(self, params, residuals, dy):
+        dparams, dx = super().backward(params, residuals, dy)
+        return {**dparams, "W": jnp.zeros_like(dparams["W"])}, dx
+
+
+def _deep_sigmoid_case(first):
+    """A 6 → 8 → 8 → 8 → 1 sigmoid regression net, float32, whose first W gradient is small."""
+    stack = [first, layers.Sigmoid()]
+    stack += [layers.Dense(8), layers.Sigmoid(), layers.Dense(8), layers.Sigmoid(), layers.Dense(1)]
+    net = Sequential(stack, loss=losses.HalfSquaredError())
+    k_init, k_x, k_y = jax.random.split(jax.random.key(0), 3)
+    params = net.init(k_init, (6,), jnp.float32)
+    x = jax.random.normal(k_x, (16, 6), jnp.float32)
+    y = jax.random.normal(k_y, (16, 1), jnp.float32)
+    return net, params, x, y
+
+
+def test_check_grads_float32_blind_spot_is_caught_by_gradcheck():
+    """``jax.test_util.check_grads`` tests one random direction with tolerance 2e-3 in float32.
+
+    A backward that returns zeros for the whole first-layer W passes it (through the
+    custom_vjp bridge, check_grads sees the manual gradient), while gradcheck's
+    per-leaf comparison names ``layers[0].W``.
+    """
+    net, params, x, y = _deep_sigmoid_case(DenseZeroWeightGradient(8))
+    loss = with_manual_grad(net)
+    check_grads(lambda p: loss(p, x, y), (params,), order=1, modes=("rev",))  # passes
+
+    good = jax.grad(Sequential(
+        [layers.Dense(8), *net.layers[1:]], loss=net.loss_fn).loss)(params, x, y)
+    bad = jax.grad(loss)(params, x, y)
+    assert np.all(np.asarray(bad[0]["W"]) == 0) and np.any(np.asarray(good[0]["W"]) != 0)
+
+    report = gradcheck(net, params, x, y)
+    assert not report.ok
+    assert {r.path for r in report.failures} == {"layers[0].W"}
+    assert report.first_divergence == "layers[0] (DenseZeroWeightGradient)"
+    assert report.row("layers[0].W").rel_err == 1.0

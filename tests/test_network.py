@@ -1,0 +1,175 @@
+"""Whole networks: ``manual_backward`` against ``jax.grad(net.loss)``.
+
+Every activation × every loss × weight decay on/off × depth 1–4 × batch 1 and 5,
+in float64 (≤ 1e-10 relative per leaf) and float32 (≤ 1e-5). The eight networks
+of one (activation, loss, decay) cell are checked inside one jitted program to
+keep compilation time down.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxbp import Sequential, layers, losses
+from tests.helpers import max_tree_rel_error
+from tests.test_layers import ACTIVATIONS
+
+LOSSES = [
+    losses.HalfSquaredError(),
+    losses.MeanSquaredError(),
+    losses.SoftmaxCrossEntropy(),
+    losses.SigmoidBinaryCrossEntropy(),
+    losses.Hinge(),
+]
+CLASSES = 3
+
+
+def make_targets(loss, key, batch, dtype):
+    """Targets of the kind each loss takes: labels, probabilities or reals."""
+    if isinstance(loss, (losses.Hinge, losses.SoftmaxCrossEntropy)):
+        return jax.random.randint(key, (batch,), 0, CLASSES)
+    if isinstance(loss, losses.SigmoidBinaryCrossEntropy):
+        return jax.random.uniform(key, (batch, CLASSES), dtype)
+    return jax.random.normal(key, (batch, CLASSES), dtype)
+
+
+def make_net(activation, loss, weight_decay, depth, width=4):
+    stack = []
+    for i in range(depth):
+        last = i == depth - 1
+        stack += [layers.Dense(CLASSES if last else width), activation]
+    return Sequential(stack, loss=loss, weight_decay=weight_decay)
+
+
+def make_case(net, seed, batch, features, dtype):
+    k_p, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
+    params = net.init(k_p, (features,), dtype)
+    x = jax.random.normal(k_x, (batch, features), dtype)
+    y = make_targets(net.loss_fn, k_y, batch, dtype)
+    return params, x, y
+
+
+def manual_and_autodiff(nets_and_cases):
+    @jax.jit
+    def both(cases):
+        return [
+            (net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y))
+            for net, (p, x, y) in zip(nets, cases)
+        ]
+
+    nets = [net for net, _ in nets_and_cases]
+    return both([case for _, case in nets_and_cases])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+@pytest.mark.parametrize("loss", LOSSES, ids=repr)
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=repr)
+def test_manual_backward_matches_autodiff(activation, loss, weight_decay):
+    cases = []
+    for depth in (1, 2, 3, 4):
+        net = make_net(activation, loss, weight_decay, depth)
+        for batch in (1, 5):
+            for dtype in (jnp.float64, jnp.float32):
+                cases.append((net, make_case(net, depth * 10 + batch, batch, 3, dtype)))
+    results = manual_and_autodiff(cases)
+    for (net, (p, x, _)), (manual, auto) in zip(cases, results):
+        assert jax.tree.structure(manual) == jax.tree.structure(auto)
+        bound = 1e-10 if x.dtype == jnp.float64 else 1e-5
+        err = max_tree_rel_error(manual, auto)
+        assert err <= bound, (len(net.layers) // 2, x.shape, x.dtype, err)
+
+
+def test_value_and_grad_agree_with_parts():
+    net = make_net(layers.Tanh(), losses.SoftmaxCrossEntropy(), 0.1, depth=3)
+    p, x, y = make_case(net, 0, 6, 5, jnp.float64)
+    J, grads = net.manual_value_and_grad(p, x, y)
+    assert float(J) == pytest.approx(float(net.loss(p, x, y)), rel=1e-14)
+    assert max_tree_rel_error(grads, net.manual_backward(p, x, y)) == 0
+
+
+def test_weight_decay_adds_half_lambda_norm_of_weights_only():
+    net0 = make_net(layers.Sigmoid(), losses.HalfSquaredError(), 0.0, depth=2)
+    net1 = make_net(layers.Sigmoid(), losses.HalfSquaredError(), 0.5, depth=2)
+    p, x, y = make_case(net0, 1, 4, 3, jnp.float64)
+    p = jax.tree.map(lambda a: a + 0.1, p)  # non-zero biases must not be decayed
+    penalty = 0.25 * sum(float(jnp.sum(q["W"] ** 2)) for q in p if q)
+    assert float(net1.loss(p, x, y) - net0.loss(p, x, y)) == pytest.approx(penalty, rel=1e-12)
+    g0, g1 = net0.manual_backward(p, x, y), net1.manual_backward(p, x, y)
+    for q, a, b in zip(p, g0, g1):
+        if q:
+            assert max_tree_rel_error(b["W"], a["W"] + 0.5 * q["W"]) <= 1e-14
+            assert max_tree_rel_error(b["b"], a["b"]) == 0
+
+
+def test_jitted_methods_do_not_recompile():
+    net = make_net(layers.ReLU(), losses.SoftmaxCrossEntropy(), 0.0, depth=2)
+    p, x, y = make_case(net, 2, 4, 3, jnp.float64)
+    twin = make_net(layers.ReLU(), losses.SoftmaxCrossEntropy(), 0.0, depth=2)
+    assert twin == net and hash(twin) == hash(net)
+    for method in ("loss", "manual_backward", "manual_value_and_grad", "forward"):
+        fn = getattr(Sequential, method)
+        fn = getattr(fn, "jitted", fn)
+        args = (p, x) if method == "forward" else (p, x, y)
+        getattr(net, method)(*args)
+        size = fn._cache_size()
+        getattr(net, method)(*jax.tree.map(lambda a: a + 1 if a.dtype != jnp.int64 else a, args))
+        getattr(twin, method)(*args)
+        assert fn._cache_size() == size, method
+    jitted = jax.jit(net.manual_backward)
+    jitted(p, x, y)
+    jitted(p, x + 1, y)
+    assert jitted._cache_size() == 1
+
+
+def test_forward_with_residuals_names_every_intermediate():
+    net = make_net(layers.Sigmoid(), losses.HalfSquaredError(), 0.0, depth=2)
+    p, x, _ = make_case(net, 3, 2, 3, jnp.float64)
+    y_hat, trace = net.forward_with_residuals(p, x)
+    assert len(trace) == len(net.layers)
+    assert set(trace[0]) == {"x", "y"} and set(trace[1]) == {"x", "y"}
+    z = x @ p[0]["W"] + p[0]["b"][None, :]
+    assert max_tree_rel_error(trace[0]["y"], z) <= 1e-15
+    assert max_tree_rel_error(trace[1]["y"], jax.nn.sigmoid(z)) <= 1e-15
+    assert max_tree_rel_error(trace[-1]["y"], y_hat) == 0
+
+
+def test_signals_are_input_gradients():
+    """manual_backward_with_signals' dxs[i] is ∂J/∂(input of layer i)."""
+    net = make_net(layers.Tanh(), losses.MeanSquaredError(), 0.0, depth=2)
+    p, x, y = make_case(net, 4, 3, 3, jnp.float64)
+    _, signals = net.manual_backward_with_signals(p, x, y)
+    assert max_tree_rel_error(signals[0], jax.grad(net.loss, argnums=1)(p, x, y)) <= 1e-10
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 100])
+def test_remat_gives_the_same_gradients(k):
+    net = make_net(layers.GELU(), losses.SoftmaxCrossEntropy(), 0.1, depth=4)
+    p, x, y = make_case(net, 5, 4, 3, jnp.float64)
+    assert max_tree_rel_error(net.manual_backward(p, x, y, remat_every=k),
+                              jax.grad(net.loss)(p, x, y)) <= 1e-10
+
+
+_activations = st.sampled_from(ACTIVATIONS)
+
+
+@settings(max_examples=25)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+    activations=st.lists(_activations, min_size=4, max_size=4),
+    loss=st.sampled_from(LOSSES),
+    weight_decay=st.sampled_from([0.0, 0.01, 1.0]),
+    batch=st.integers(1, 8),
+    features=st.integers(1, 6),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_architectures(widths, activations, loss, weight_decay, batch, features,
+                              use_bias, seed):
+    stack = []
+    for width, act in zip([*widths, CLASSES], activations):
+        stack += [layers.Dense(width, use_bias=use_bias), act]
+    net = Sequential(stack, loss=loss, weight_decay=weight_decay)
+    p, x, y = make_case(net, seed, batch, features, jnp.float64)
+    assert max_tree_rel_error(net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y)) <= 1e-10

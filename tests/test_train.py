@@ -1,0 +1,214 @@
+"""Training: the jitted step, fused epochs, manual = autodiff, weight decay, divergence, CLI."""
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxbp import cli, data, models, train
+
+from .helpers import max_tree_rel_error
+
+LAM = 0.05  # weight decay for the equivalence tests
+
+
+@pytest.fixture(scope="module")
+def spirals():
+    return data.load("spirals")  # 480 train / 120 test, 3 classes
+
+
+def _bit_equal(a, b) -> bool:
+    a, b = (jax.tree.map(_unwrap_key, t) for t in (a, b))
+    return all(
+        np.array_equal(np.asarray(u), np.asarray(v))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def _fit(ds, opt_name="momentum", grad="manual", epochs=10, fused=None, weight_decay=1e-3):
+    """100 steps (10 epochs × 48 batches of 10) in float64."""
+    net = models.mlp(hidden=(16,), classes=ds.classes, weight_decay=weight_decay)
+    opt = train.optimizer(opt_name, 0.05 if opt_name != "adam" else 1e-2)
+    state = train.init_state(net, opt, jax.random.key(7), ds.input_shape, jnp.float64)
+    return train.fit(net, opt, state, ds, epochs=epochs, batch_size=48, grad=grad, fused=fused)
+
+
+def _unwrap_key(a):
+    is_key = isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+    return jax.random.key_data(a) if is_key else a
+
+
+@pytest.fixture(scope="module")
+def manual_run(spirals):
+    return _fit(spirals)
+
+
+def test_doctests():
+    result = doctest.testmod(train)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_fit_learns_and_records_history(manual_run):
+    state, history = manual_run
+    assert state.epoch == 10 and state.step == 100 and history["steps"] == 100
+    assert history["epoch"] == list(range(1, 11))
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+    assert history["test_accuracy"][-1] > 0.8 and history["train_accuracy"][-1] > 0.8
+    assert np.all(np.diff(history["time"]) > 0)
+    assert history["compiled"] == 1  # one program for all ten epochs: no recompilation
+
+
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_manual_and_autodiff_training_agree_after_100_steps(spirals, manual_run, opt_name):
+    manual = manual_run if opt_name == "momentum" else _fit(spirals, opt_name)
+    auto = _fit(spirals, opt_name, grad="autodiff")
+    assert manual[0].step == auto[0].step == 100
+    assert max_tree_rel_error(manual[0].params, auto[0].params) <= 1e-9
+    np.testing.assert_allclose(manual[1]["train_loss"], auto[1]["train_loss"], rtol=1e-9)
+
+
+def test_same_seed_twice_is_bit_identical(spirals, manual_run):
+    again = _fit(spirals)
+    assert _bit_equal(manual_run[0], again[0])
+    assert manual_run[1]["train_loss"] == again[1]["train_loss"]
+
+
+def test_python_loop_matches_fused_epochs_and_compiles_once(spirals, manual_run):
+    state, history = _fit(spirals, fused=False)
+    assert max_tree_rel_error(state.params, manual_run[0].params) <= 1e-9
+    assert history["compiled"] == 2  # the step and the shuffle, each compiled once
+
+
+def test_train_step_is_jitted_and_never_recompiles():
+    net = models.mlp(hidden=(8,), classes=3)
+    opt = optax.adam(1e-2)
+    params = net.init(jax.random.key(0), (4,))
+    opt_state = opt.init(params)
+    step = train.make_train_step(net, opt, grad="manual")
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    y = jnp.arange(16) % 3
+    losses = []
+    for _ in range(5):
+        params, opt_state, metrics = step(params, opt_state, (x, y))
+        losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ weight decay
+
+
+def _steps(net, opt, params, n=20):
+    step = train.make_train_step(net, opt)
+    opt_state = opt.init(params)
+    x = jax.random.normal(jax.random.key(3), (n, 12, 4))
+    y = jnp.arange(n * 12).reshape(n, 12) % 3
+    for i in range(n):
+        params, opt_state, _ = step(params, opt_state, (x[i], y[i]))
+    return params
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """The same MLP with λ in the objective and without (for decay in the optimizer)."""
+    with_l2 = models.mlp(hidden=(8,), classes=3, weight_decay=LAM)
+    plain = models.mlp(hidden=(8,), classes=3)
+    params = plain.init(jax.random.key(0), (4,))
+    return with_l2, plain, params
+
+
+def _decayed(plain, opt):
+    return optax.chain(optax.add_decayed_weights(LAM, mask=train.decay_mask(plain)), opt)
+
+
+@pytest.mark.parametrize("opt", [optax.sgd(0.1), optax.sgd(0.1, momentum=0.9)], ids=["sgd", "mom"])
+def test_l2_in_loss_equals_add_decayed_weights_for_sgd(nets, opt):
+    with_l2, plain, params = nets
+    a = _steps(with_l2, opt, params)
+    b = _steps(plain, _decayed(plain, opt), params)
+    assert max_tree_rel_error(a, b) <= 1e-12
+    assert max_tree_rel_error(a, _steps(plain, opt, params)) > 1e-3  # the decay did something
+
+
+def test_l2_in_loss_differs_from_adamw(nets):
+    with_l2, plain, params = nets
+    l2_adam = _steps(with_l2, optax.adam(1e-2), params)
+    # Decay added before Adam's scaling is the same as λ in the objective …
+    assert max_tree_rel_error(l2_adam, _steps(plain, _decayed(plain, optax.adam(1e-2)), params)) \
+        <= 1e-10
+    # … AdamW adds η·λ·W after the scaling: a different update.
+    adamw = optax.adamw(1e-2, weight_decay=LAM, mask=train.decay_mask(plain))
+    assert max_tree_rel_error(l2_adam, _steps(plain, adamw, params)) > 1e-2
+
+
+def test_decay_mask_covers_weights_not_biases(nets):
+    _, plain, params = nets
+    mask = train.decay_mask(plain)(params)
+    assert mask == [{"W": True, "b": False}, {}, {"W": True, "b": False}]
+
+
+def test_frozen_biases_stay_fixed(nets):
+    _, plain, params = nets
+    params = jax.tree.map(lambda a: a + 0.1, params)
+    out = _steps(plain, train.freeze(optax.sgd(0.1), ("b",)), params)
+    for before, after in zip(params, out):
+        if before:
+            np.testing.assert_array_equal(after["b"], before["b"])
+            assert not np.array_equal(after["W"], before["W"])
+
+
+# -------------------------------------------------------------------- divergence
+
+
+def test_nonfinite_loss_names_epoch_and_step_and_keeps_last_good_state(spirals):
+    net = models.mlp(hidden=(16,), classes=3)
+    # Sane for two epochs (2 × 10 steps), then a learning rate that overflows.
+    opt = optax.sgd(optax.piecewise_constant_schedule(0.05, {20: 1e30}))
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape, jnp.float32)
+    seen = []
+    with pytest.raises(train.NonFiniteLossError, match=r"at epoch 3, step 2 of 10 \(global step 22\)"):
+        try:
+            train.fit(net, opt, state, spirals, epochs=5, batch_size=48,
+                      on_epoch=lambda s, r: seen.append(s))
+        except train.NonFiniteLossError as err:
+            assert err.state.epoch == 2 and err.state.step == 20
+            assert _bit_equal(err.state.params, seen[-1].params)
+            assert all(np.isfinite(a).all() for a in jax.tree.leaves(err.state.params))
+            raise
+    assert [s.epoch for s in seen] == [1, 2]
+
+
+def test_bad_arguments_raise(spirals):
+    net = models.mlp(hidden=(4,), classes=3)
+    opt = optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape)
+    with pytest.raises(ValueError, match="grad must be one of manual, autodiff; got 'numeric'"):
+        train.make_train_step(net, opt, grad="numeric")
+    with pytest.raises(ValueError, match="batch_size 1000 exceeds the 480 training samples"):
+        train.fit(net, opt, state, spirals, epochs=1, batch_size=1000)
+    with pytest.raises(ValueError, match="optimizer: name must be one of sgd, momentum, adam"):
+        train.optimizer("rmsprop", 0.1)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_checks_gradients_trains_and_plots(tmp_path, capsys):
+    png = tmp_path / "curves.png"
+    rc = cli.main(["train", "--dataset", "xor", "--epochs", "3", "--batch-size", "16",
+                   "--lr", "0.01", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "gradcheck (float64, one batch of 16): OK" in out
+    assert "test accuracy" in out and "steps/s" in out and "device 1 × cpu" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_bad_setups(tmp_path, capsys):
+    assert cli.main(["train", "--resume"]) == 2
+    assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+    assert cli.main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 2
+    assert "missing IDX file train-images-idx3-ubyte" in capsys.readouterr().err
