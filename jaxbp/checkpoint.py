@@ -149,7 +149,8 @@ def _fill(path: str, prefix: str, like, tensors: dict, problems: list):
     named = _named_leaves(prefix, like)
     stored = {k for k in tensors if k.startswith(prefix)}
     for name in sorted(stored - set(named)):
-        problems.append(f"{name} {_describe(tensors[name])} is in the checkpoint but not in the model")
+        extra = _describe(tensors[name])
+        problems.append(f"{name} {extra} is in the checkpoint but not in the model")
     leaves = []
     for name, leaf in named.items():
         if name not in tensors:

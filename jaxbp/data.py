@@ -177,7 +177,7 @@ _MNIST_FILES = {
 
 
 def _find_idx(data_dir: str, stem: str) -> str:
-    # The files ship as "train-images-idx3-ubyte(.gz)"; some mirrors write "train-images.idx3-ubyte".
+    # Files ship as "train-images-idx3-ubyte(.gz)"; some mirrors write "train-images.idx3-ubyte".
     dotted = stem.replace("-idx", ".idx")
     candidates = [stem + ".gz", stem, dotted + ".gz", dotted]
     for name in candidates:
@@ -208,7 +208,7 @@ def load_idx_dir(data_dir, name="mnist", layout="flat") -> Dataset:
                 f"{data_dir}: {split} images must be (n, H, W) and labels (n,) with the same n; "
                 f"got {images.shape} and {labels.shape}"
             )
-    x_train, x_test = (arrays[k].astype(np.float64) / 255.0 for k in ("train_images", "test_images"))
+    x_train, x_test = (arrays[f"{s}_images"].astype(np.float64) / 255.0 for s in ("train", "test"))
     if layout == "image":
         x_train, x_test = x_train[..., None], x_test[..., None]
     else:

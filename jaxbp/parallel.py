@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -58,9 +59,21 @@ def replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
 
+def _put(a, sharding):
+    """``a`` placed by ``sharding``; across hosts, every process passes the same global value."""
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(a, sharding)
+    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(a)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(a), sharding), impl=impl)
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def replicate(tree, mesh: Mesh | None = None):
     """Put every array of ``tree`` on all devices of ``mesh`` (or the default device)."""
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda a: _put(a, sharding), tree)
 
 
 def shard_batch(batch, mesh: Mesh | None = None):
@@ -72,4 +85,5 @@ def shard_batch(batch, mesh: Mesh | None = None):
                     f"parallel: batch of {a.shape[0]} rows cannot be split evenly over "
                     f"{mesh.size} devices"
                 )
-    return jax.device_put(batch, batch_sharding(mesh))
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda a: _put(a, sharding), batch)

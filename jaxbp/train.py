@@ -109,7 +109,8 @@ def decay_mask(net):
     """
 
     def mask(params):
-        return [{k: k in layer.decay_keys for k in p} for layer, p in zip(net.layers, params)]
+        layers = zip(net.layers, params, strict=True)
+        return [{k: k in layer.decay_keys for k in p} for layer, p in layers]
 
     return mask
 
@@ -148,8 +149,9 @@ def _step_fn(net, opt, grad):
 
 
 def make_train_step(net, opt, grad: str = "manual"):
-    """One jitted, pure optimizer step ``(params, opt_state, (x, y)) -> (params, opt_state, metrics)``.
+    """One jitted, pure optimizer step.
 
+    ``step(params, opt_state, (x, y)) -> (params, opt_state, metrics)``;
     ``metrics["loss"]`` is the objective ``J`` at the parameters before the step.
 
     Example:
@@ -261,8 +263,9 @@ def _looped_epoch(step, steps, batch_size, mesh):
     return epoch
 
 
-def _fits_on_device(nbytes: int, device) -> bool:
+def _fits_on_device(nbytes: int) -> bool:
     """Fuse epochs when the training data takes at most a quarter of device memory."""
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     limit = (stats or {}).get("bytes_limit", 4 * 2**30)
     return nbytes <= limit // 4
@@ -314,7 +317,9 @@ def fit(
       ``(state, history)``; ``history`` maps ``epoch``, ``train_loss`` (mean ``J``
       over the epoch's steps), ``train_accuracy``, ``test_loss`` (data loss ``L``),
       ``test_accuracy`` and ``time`` (seconds since ``fit`` started, compilation
-      included) to per-epoch lists, plus ``steps`` (steps taken) and ``device``.
+      included) to per-epoch lists, plus ``steps`` (steps taken), ``device`` and
+      ``compiled`` (programs the epoch loop compiled: 1 fused, 2 looped — never
+      more, however many epochs ran).
 
     Raises:
       NonFiniteLossError: the loss became NaN or Inf; names the epoch and the
@@ -335,7 +340,7 @@ def fit(
     steps = n // batch_size
     first = parallel.devices(mesh)[0]
     if fused is None:
-        fused = _fits_on_device(data.x_train.nbytes + data.y_train.nbytes, first)
+        fused = _fits_on_device(data.x_train.nbytes + data.y_train.nbytes)
 
     # The training data goes to the device(s) once (replicated: every device can
     # gather any batch); the looped path keeps it on the host instead.
@@ -357,7 +362,7 @@ def fit(
     kind = first.platform if first.device_kind == first.platform else first.device_kind
     history["steps"], history["device"] = 0, f"{n_devices} × {kind}"
     bar = None
-    if progress:
+    if progress and state.epoch < epochs:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", desc="train")

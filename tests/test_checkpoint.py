@@ -64,13 +64,13 @@ def test_other_architecture_names_what_differs(tmp_path):
                        r"  params\[0\]\['W'\]: checkpoint has float32\[5, 4\], model expects "
                        r"float32\[5, 8\]"):
         checkpoint.restore(path, like=_state(hidden=(8,), steps=0))
-    with pytest.raises(ValueError, match=r"params\[4\]\['W'\] float32\[4, 3\] is in the model but not "
-                       r"in the checkpoint"):
+    with pytest.raises(ValueError, match=r"params\[4\]\['W'\] float32\[4, 3\] is in the model "
+                       r"but not in the checkpoint"):
         checkpoint.restore(path, like=_state(hidden=(4, 4), steps=0))
     like = _state(steps=0)
     sgd = train.TrainState(like.params, optax.sgd(0.1).init(like.params), like.key)
-    with pytest.raises(ValueError, match=r"opt_state\[0\]\.mu\[0\]\['W'\] float32\[5, 4\] is in the "
-                       r"checkpoint but not in the model"):
+    with pytest.raises(ValueError, match=r"opt_state\[0\]\.mu\[0\]\['W'\] float32\[5, 4\] is "
+                       r"in the checkpoint but not in the model"):
         checkpoint.restore(path, like=sgd)
 
 
@@ -79,7 +79,7 @@ def test_truncated_and_foreign_files(tmp_path):
     checkpoint.save(path, _state())
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) - 40])
-    with pytest.raises(ValueError, match="is not a readable safetensors file \\(truncated, corrupt"):
+    with pytest.raises(ValueError, match="not a readable safetensors file \\(truncated, corrupt"):
         checkpoint.restore(path, like=_state(steps=0))
     path.write_bytes(b'{"epoch": 3}')
     with pytest.raises(ValueError, match="another kind of file, 12 bytes"):

@@ -154,7 +154,7 @@ def test_frozen_biases_stay_fixed(nets):
     _, plain, params = nets
     params = jax.tree.map(lambda a: a + 0.1, params)
     out = _steps(plain, train.freeze(optax.sgd(0.1), ("b",)), params)
-    for before, after in zip(params, out):
+    for before, after in zip(params, out, strict=True):
         if before:
             np.testing.assert_array_equal(after["b"], before["b"])
             assert not np.array_equal(after["W"], before["W"])
@@ -169,7 +169,8 @@ def test_nonfinite_loss_names_epoch_and_step_and_keeps_last_good_state(spirals):
     opt = optax.sgd(optax.piecewise_constant_schedule(0.05, {20: 1e30}))
     state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape, jnp.float32)
     seen = []
-    with pytest.raises(train.NonFiniteLossError, match=r"at epoch 3, step 2 of 10 \(global step 22\)"):
+    message = r"at epoch 3, step 2 of 10 \(global step 22\)"
+    with pytest.raises(train.NonFiniteLossError, match=message):
         try:
             train.fit(net, opt, state, spirals, epochs=5, batch_size=48,
                       on_epoch=lambda s, r: seen.append(s))
@@ -212,3 +213,12 @@ def test_cli_reports_bad_setups(tmp_path, capsys):
     assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
     assert cli.main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 2
     assert "missing IDX file train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_cli_trains_the_cnn_on_digit_images(capsys):
+    rc = cli.main(["train", "--model", "cnn", "--filters", "4,4", "--epochs", "1",
+                   "--batch-size", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "(8, 8, 1), 10 classes; cnn with 358 parameters" in out
+    assert "gradcheck (float64, one batch of 64): OK" in out

@@ -1,0 +1,84 @@
+"""Data parallelism on 4 simulated CPU devices, checked in a subprocess against one device."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jaxbp import parallel
+
+_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jaxbp import data, models, parallel, train
+
+    assert len(jax.devices()) == 4
+    ds = data.load("digits")
+    net = models.mlp(hidden=(32,), classes=10)
+    opt = optax.sgd(0.1, momentum=0.9)
+    fresh = train.init_state(net, opt, jax.random.key(0), ds.input_shape, jnp.float32)
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+    runs = {}
+    for devices, fused in [(1, True), (None, True), (4, False)]:
+        state, h = train.fit(net, opt, fresh, ds, epochs=2, batch_size=64, devices=devices,
+                             fused=fused)
+        runs[(devices, fused)] = (state, h)
+    one, one_h = runs[(1, True)]
+    out = {"device": [runs[k][1]["device"] for k in runs]}
+    for name, k in [("auto_fused", (None, True)), ("looped", (4, False))]:
+        state, h = runs[k]
+        out[name + "_params"] = max(
+            rel(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.params)))
+        out[name + "_loss"] = rel(h["train_loss"], one_h["train_loss"])
+        out[name + "_sharding"] = list(state.params[0]["W"].sharding.spec)
+
+    mesh = parallel.data_mesh(4)
+    x, y = parallel.shard_batch((ds.x_train[:64], ds.y_train[:64]), mesh)
+    out["batch_spec"] = list(x.sharding.spec)
+    out["shards"] = [list(s.data.shape) for s in x.addressable_shards]
+    out["shard_devices"] = len({s.device for s in x.addressable_shards})
+    step = train.make_train_step(net, opt)
+    params = parallel.replicate(fresh.params, mesh)
+    hlo = step.lower(params, opt.init(params), (x, y)).compile().as_text()
+    out["all_reduce"] = "all-reduce" in hlo
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_data_parallel_training_matches_one_device(four_devices):
+    assert four_devices["device"] == ["1 × cpu", "4 × cpu", "4 × cpu"]
+    for name in ("auto_fused", "looped"):
+        assert four_devices[name + "_params"] <= 1e-5, name
+        assert four_devices[name + "_loss"] <= 1e-5, name
+        assert four_devices[name + "_sharding"] == []  # params replicated
+
+
+def test_batch_is_split_over_the_data_axis(four_devices):
+    assert four_devices["batch_spec"] == ["data"]
+    assert four_devices["shards"] == [[16, 64]] * 4 and four_devices["shard_devices"] == 4
+    assert four_devices["all_reduce"]  # gradients are summed across the shards
+
+
+def test_single_device_needs_no_mesh():
+    assert parallel.data_mesh(1) is None and parallel.data_mesh() is None
+    with pytest.raises(ValueError, match=r"devices must be an int in \[1, 1\] .*got 4"):
+        parallel.data_mesh(4)
