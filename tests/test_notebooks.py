@@ -49,6 +49,7 @@ def test_committed_without_outputs(path):
     assert "import jaxbp" in code or "from jaxbp" in code
     assert "JAXBP_NOTEBOOK_SMALL" in code, "the notebook must honour small mode"
     assert "assert " in code
+    assert "from tests" not in code and "import tests" not in code, "tests are not installed"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
