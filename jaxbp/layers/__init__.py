@@ -2,11 +2,18 @@
 
 from .activations import ELU, GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
 from .base import Layer
+from .conv import Conv2D
 from .dense import Dense
+from .flatten import Flatten
+from .pool import AvgPool2D, MaxPool2D
 
 __all__ = [
     "Layer",
     "Dense",
+    "Conv2D",
+    "MaxPool2D",
+    "AvgPool2D",
+    "Flatten",
     "Identity",
     "Sigmoid",
     "Tanh",

@@ -1,0 +1,195 @@
+"""Max and average pooling: each channel of an NHWC image down-sampled on its own.
+
+A ``kh × kw`` window slides with stride ``(S_h, S_w)`` (the window by default) over
+every depth slice; the depth is unchanged. Output sizes follow
+``jaxbp.conv_output_size``. Padding (at most ``window − 1`` per side, so every
+window holds an input element) is ``−∞`` for max pooling, which never wins, and
+zeros for average pooling, which count in the divisor: every window averages over
+``kh·kw`` entries (PyTorch's ``count_include_pad=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .base import Layer, check_rank
+from .conv import as_padding, as_pair, check_image_shape, unread_rows, window_geometry
+
+
+class MaxPoolResiduals(NamedTuple):
+    x: jax.Array  # the layer's input, (batch, H, W, C)
+    y: jax.Array  # the window maxima, (batch, H_out, W_out, C)
+
+
+class AvgPoolResiduals(NamedTuple):
+    x: jax.Array  # the layer's input (backward reads only its shape)
+
+
+class _Pool(Layer):
+    """Shared constructor, validation and geometry of the pooling layers."""
+
+    def __init__(self, window, stride=None, padding=0):
+        name = type(self).__name__
+        window = as_pair(name, "window", window)
+        stride = window if stride is None else as_pair(name, "stride", stride)
+        padding = as_padding(name, padding)
+        if not isinstance(padding, str):
+            for dim, pads, size in zip(("height", "width"), padding, window, strict=True):
+                if max(pads) > size - 1:
+                    raise ValueError(
+                        f"{name}: padding must be at most window − 1 = {size - 1} on each side "
+                        f"so every window holds an input element; got {dim} padding {pads} "
+                        f"for window {window}"
+                    )
+        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "stride", stride)
+        object.__setattr__(self, "padding", padding)
+
+    def _geometry(self, spatial):
+        return window_geometry(self.name, spatial, self.window, self.stride, self.padding)
+
+    def _pad_config(self, pads):
+        """``lax.reduce_window`` padding for NHWC: none on batch and channels."""
+        return ((0, 0), *pads, (0, 0))
+
+    def init(self, key, input_shape, dtype=None):
+        del key, dtype
+        h, w, c = check_image_shape(self.name, input_shape)
+        _, (h_out, w_out) = self._geometry((h, w))
+        return {}, (h_out, w_out, c)
+
+    def _check_input(self, x):
+        check_rank(self.name, "input x", x, 4, "(batch, height, width, channels) NHWC")
+        return self._geometry(x.shape[1:3])
+
+    def _windows(self):
+        return (1, *self.window, 1), (1, *self.stride, 1)
+
+
+@dataclasses.dataclass(frozen=True, repr=False, init=False)
+class MaxPool2D(_Pool):
+    """``y[n, p, q, c] = max_{m < kh, k < kw} x̃[n, S_h·p + m, S_w·q + k, c]`` (x̃: x padded by −∞).
+
+    Shapes: x (batch, H, W, C), y (batch, H_out, W_out, C).
+
+    Args:
+      window: ``kh = kw`` as an int, or ``(kh, kw)``.
+      stride: an int or ``(S_h, S_w)``; defaults to the window (no overlap).
+      padding: ``"SAME"``, ``"VALID"``, an int, ``(P_h, P_w)`` or
+        ``((top, bottom), (left, right))``, at most ``window − 1`` per side.
+
+    Example (a 4×4 map, 2×2 windows):
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1., 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]])
+      >>> y, _ = MaxPool2D(2).forward({}, x[None, :, :, None])
+      >>> y[0, :, :, 0].tolist()
+      [[6.0, 8.0], [3.0, 4.0]]
+    """
+
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str | tuple
+
+    def forward(self, params, x):
+        pads, _ = self._check_input(x)
+        dims, strides = self._windows()
+        y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides,
+                              self._pad_config(pads))
+        return y, MaxPoolResiduals(x=x, y=y)
+
+    def backward(self, params, residuals, dy):
+        """dy goes to each window's arg-max; overlapping windows accumulate.
+
+        Shapes: x, dx (batch, H, W, C); y, dy (batch, H_out, W_out, C).
+
+          dx̃[n, h, w, c] = Σ_{p,q: window (p, q) picks (h, w)} dy[n, p, q, c],   dx = dx̃ cropped
+
+        Ties: window (p, q) picks the first of its maximal entries in row-major window
+        order (offset (m, k) before (m, k + 1) before (m + 1, 0)) — the rule of XLA's
+        ``SelectAndScatter`` with the ``≥`` comparison that ``jax.grad`` of
+        ``lax.reduce_window(max)`` uses, so the two agree even on constant inputs.
+        −∞ padding never wins against an input entry (inputs are assumed NaN-free).
+
+        The sum runs over the ``kh·kw`` window offsets (m, k): the offset's entries
+        ``x̃[S·p + m, S·q + k]`` form a strided slice the shape of y; where it is the
+        first maximum, dy is placed back at those positions by a strided pad.
+        """
+        x, y = residuals
+        pads, (h_out, w_out) = self._geometry(x.shape[1:3])
+        xp = lax.pad(x, np.array(-np.inf, x.dtype),
+                     [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+        n, hp, wp, c = xp.shape
+        (sh, sw), zero = self.stride, np.zeros((), dy.dtype)
+        taken = jnp.zeros(y.shape, bool)
+        dxp = jnp.zeros(xp.shape, dy.dtype)
+        for m in range(self.window[0]):
+            for k in range(self.window[1]):
+                end = (n, m + sh * (h_out - 1) + 1, k + sw * (w_out - 1) + 1, c)
+                patch = lax.slice(xp, (0, m, k, 0), end, (1, sh, sw, 1))
+                first = (patch == y) & ~taken
+                taken = taken | first
+                placed = lax.pad(jnp.where(first, dy, zero), zero, [
+                    (0, 0, 0), (m, hp - end[1], sh - 1), (k, wp - end[2], sw - 1), (0, 0, 0)])
+                dxp = dxp + placed
+        (top, _), (left, _) = pads
+        return {}, dxp[:, top:top + x.shape[1], left:left + x.shape[2], :]
+
+
+@dataclasses.dataclass(frozen=True, repr=False, init=False)
+class AvgPool2D(_Pool):
+    """``y[n, p, q, c] = 1/(kh·kw) Σ_{m < kh, k < kw} x̃[n, S_h·p + m, S_w·q + k, c]``.
+
+    x̃ is x zero-padded; the padded zeros count in the divisor ``kh·kw``.
+    Shapes: x (batch, H, W, C), y (batch, H_out, W_out, C). Arguments as
+    :class:`MaxPool2D`.
+
+    Example (the same 4×4 map):
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1., 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]])
+      >>> y, _ = AvgPool2D(2).forward({}, x[None, :, :, None])
+      >>> y[0, :, :, 0].tolist()
+      [[3.25, 5.25], [2.0, 2.0]]
+    """
+
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str | tuple
+
+    def forward(self, params, x):
+        pads, _ = self._check_input(x)
+        dims, strides = self._windows()
+        total = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, strides,
+                                  self._pad_config(pads))
+        return total / (self.window[0] * self.window[1]), AvgPoolResiduals(x=x)
+
+    def backward(self, params, residuals, dy):
+        """Each input entry receives dy / (kh·kw) from every window that covers it.
+
+        Shapes: dy (batch, H_out, W_out, C), dx (batch, H, W, C). With ``ď`` dy
+        dilated by S (``ď[S·p] = dy[p]``, zeros between):
+
+          dx̃[h] = 1/(kh·kw) Σ_{p,m: S·p+m = h} dy[p] = 1/(kh·kw) Σ_{m<kh} ď[h − m]
+
+        a full box-filter sum over ď: ď padded by ``(kh − 1 − P_lo, kh − 1 − P_hi + r)``
+        (which also crops x̃'s padding; ``r`` end rows are read by no window) and summed
+        over sliding ``kh × kw`` windows at stride 1.
+        """
+        shape = residuals.x.shape
+        pads, out = self._geometry(shape[1:3])
+        kernel, stride = self.window, self.stride
+        config = [(0, 0, 0), (0, 0, 0)]
+        for d in range(2):
+            r = unread_rows(shape[1 + d], kernel[d], stride[d], pads[d], out[d])
+            config.insert(1 + d, (kernel[d] - 1 - pads[d][0], kernel[d] - 1 - pads[d][1] + r,
+                                  stride[d] - 1))
+        zero = np.zeros((), dy.dtype)
+        dilated = lax.pad(dy, zero, config)
+        dims = (1, *kernel, 1)
+        dx = lax.reduce_window(dilated, zero, lax.add, dims, (1, 1, 1, 1), "VALID")
+        return {}, dx / (kernel[0] * kernel[1])
