@@ -1,0 +1,369 @@
+"""``jaxbp bench``: the hand-written backward against autodiff and the hardware's matmul peak.
+
+For each model, on whatever device JAX selects, in one run:
+
+* ``manual``   jitted ``net.manual_value_and_grad`` (the hand-written backward);
+* ``autodiff`` jitted ``jax.value_and_grad(net.loss)``;
+* ``remat k``  ``manual_value_and_grad(..., remat_every=k)`` (stores every k-th layer input);
+* ``train``    a full optax step (manual gradients; plain SGD unless ``optimizer`` says
+               ``"momentum"`` or ``"adam"``), called in a Python loop;
+* ``scan``     the same step fused into an epoch by ``lax.scan`` (time per step);
+* ``matmul``   an ``n × n`` by ``n × n`` matmul of the same dtype: the device's peak;
+* ``pytorch``  the same architecture's eager training step, if torch is installed.
+
+Timing: every variant is warmed up, then the variants take turns in ``rounds``
+interleaved rounds (each round runs a variant for about ``round_seconds`` and
+blocks on its result), so a busy machine slows every variant alike. A row
+reports the median time per step over the rounds and the spread (half the
+inter-quartile range, relative to the median). ``×autodiff`` and ``%peak`` are
+medians of per-round ratios, each between two variants timed in the same round.
+FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
+median time`` and ``%peak`` divides it by the matmul's rate. ``temp`` is the
+temporary memory of XLA's compiled memory analysis (parameters, inputs and
+outputs excluded); ``compile`` is trace + lower + compile of that program. The
+``train`` step donates its parameters and optimizer state (updated in place).
+
+Matmul precision: timings use JAX's default precision, the same for every row
+(on GPUs float32 matmuls may then run as TF32; on CPUs they are exact float32).
+The gradient check (``grad err``: the largest per-leaf relative error of each
+manual variant against autodiff) runs under ``jax.default_matmul_precision("highest")``
+so that it compares the math, not the matmul units.
+
+``run_bench(["mlp-large"])`` returns the figures that ``jaxbp bench --models
+mlp-large`` prints (``format_table``) and writes (``--json PATH``).
+
+Example:
+  >>> from jaxbp import bench
+  >>> sorted(bench.MODELS)
+  ['cnn', 'deep-mlp', 'mlp-large', 'mlp-small']
+  >>> times = bench.interleaved_times({"noop": lambda: None}, rounds=3, round_seconds=0.0)
+  >>> len(times["noop"])
+  3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import models, train
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    build: Callable  # () -> Sequential
+    input_shape: tuple[int, ...]
+    batch: int
+    classes: int = 10
+
+
+MODELS = {
+    "mlp-small": ModelSpec(lambda: models.mlp(hidden=(128,)), (64,), 64),
+    "mlp-large": ModelSpec(lambda: models.mlp(hidden=(1024, 1024)), (784,), 256),
+    "cnn": ModelSpec(lambda: models.cnn((28, 28, 1), 10), (28, 28, 1), 128),
+    "deep-mlp": ModelSpec(lambda: models.mlp(hidden=(512,) * 16), (784,), 256),
+}
+LEARNING_RATE, MOMENTUM = 0.01, 0.9
+
+
+# ------------------------------------------------------------------ XLA numbers
+
+
+def _compile(fn, *args, donate_argnums=()):
+    """``(compiled, seconds)``: trace, lower and compile ``jax.jit(fn)`` for ``args``."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def _temp_bytes(compiled) -> int | None:
+    memory = compiled.memory_analysis()
+    return None if memory is None else int(memory.temp_size_in_bytes)
+
+
+# ------------------------------------------------------------------- timing
+
+
+def _block(out):
+    if out is not None:
+        jax.block_until_ready(out)
+
+
+def interleaved_times(timers: dict, rounds: int, round_seconds: float) -> dict:
+    """Seconds per call of each zero-argument callable, one entry per round.
+
+    Each callable is warmed up twice, then called ``reps`` times per round (``reps``
+    chosen so a round takes about ``round_seconds``) and its result blocked on.
+    The callables take turns, in alternating order from round to round.
+    """
+    reps = {}
+    for name, call in timers.items():
+        _block(call())
+        _block(call())
+        start = time.perf_counter()
+        _block(call())
+        reps[name] = max(1, round(round_seconds / max(time.perf_counter() - start, 1e-7)))
+    times = {name: [] for name in timers}
+    for r in range(rounds):
+        for name in list(timers) if r % 2 == 0 else list(reversed(timers)):
+            call, start, out = timers[name], time.perf_counter(), None
+            for _ in range(reps[name]):
+                out = call()
+            _block(out)
+            times[name].append((time.perf_counter() - start) / reps[name])
+    return times
+
+
+def _summary(samples: list[float]) -> tuple[float, float]:
+    """``(median, spread)``; spread is half the inter-quartile range over the median."""
+    median = statistics.median(samples)
+    if len(samples) < 4:
+        return median, (max(samples) - min(samples)) / 2 / median
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return median, (q3 - q1) / 2 / median
+
+
+# ------------------------------------------------------------------ variants
+
+
+def _stateful(step, state, batch):
+    """A zero-argument callable running one optimizer step on a carried state."""
+    box = [state]
+
+    def call():
+        params, opt_state, metrics = step(*box[0], batch)
+        box[0] = (params, opt_state)
+        return metrics["loss"]
+
+    return call
+
+
+def _fused_epoch(step):
+    """``epoch(params, opt_state, xs, ys)``: one ``lax.scan`` over the stacked batches."""
+
+    def epoch(params, opt_state, xs, ys):
+        def body(carry, batch):
+            params, opt_state, metrics = step(*carry, batch)
+            return (params, opt_state), metrics["loss"]
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (xs, ys))
+        return params, opt_state, losses
+
+    return epoch
+
+
+def _gradient_errors(net, params, x, y, remat_every) -> dict:
+    """Largest per-leaf relative error of manual (and remat) gradients against autodiff."""
+
+    def rel(a, b):
+        scale = jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(b.dtype).tiny)
+        return jnp.max(jnp.abs(a - b)) / scale
+
+    def errors(params, x, y):
+        auto = jax.grad(net.loss)(params, x, y)
+        out = {"manual": net.manual_backward(params, x, y)}
+        if remat_every:
+            out["remat"] = net.manual_backward(params, x, y, remat_every=remat_every)
+        return {k: jnp.max(jnp.stack(jax.tree.leaves(jax.tree.map(rel, g, auto))))
+                for k, g in out.items()}
+
+    with jax.default_matmul_precision("highest"):
+        return {k: float(v) for k, v in jax.jit(errors)(params, x, y).items()}
+
+
+def _data(spec: ModelSpec, batch: int, dtype, key, steps: int = 0):
+    kx, ky = jax.random.split(key)
+    lead = (steps, batch) if steps else (batch,)
+    x = jax.random.normal(kx, (*lead, *spec.input_shape), dtype)
+    return x, jax.random.randint(ky, lead, 0, spec.classes)
+
+
+def _paired(numerators, denominators) -> float:
+    """Median over rounds of ``numerator / denominator`` timed in the same round."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def bench_model(name: str, *, batch=None, dtype="float32", rounds=15, round_seconds=0.05,
+                remat_every=4, epoch_steps=20, optimizer="sgd", peak_size=None,
+                torch_reference=True) -> dict:
+    """Measure one model of ``MODELS``; see the module docstring for the rows.
+
+    Ratios (``ratio_to_autodiff``, ``fraction_of_peak``) are medians of the
+    per-round ratios, each taken between variants timed in the same round, which
+    cancels most of the drift of a shared machine.
+    """
+    spec = MODELS[name]
+    batch = batch or spec.batch
+    dtype = jnp.dtype(dtype)
+    net = spec.build()
+    k_init, k_data, k_epoch = jax.random.split(jax.random.key(0), 3)
+    params = net.init(k_init, spec.input_shape, dtype)
+    x, y = _data(spec, batch, dtype, k_data)
+    xs, ys = _data(spec, batch, dtype, k_epoch, epoch_steps)
+    opt = train.optimizer(optimizer, LEARNING_RATE, MOMENTUM)
+    opt_state = opt.init(params)
+    step = train.make_train_step(net, opt)
+
+    def manual(k):
+        return lambda p, x, y: net.manual_value_and_grad(p, x, y, remat_every=k)
+
+    programs = {"manual": (manual(None), (params, x, y)),
+                "autodiff": (jax.value_and_grad(net.loss), (params, x, y))}
+    if remat_every:
+        programs[f"remat {remat_every}"] = (manual(remat_every), (params, x, y))
+    programs["train"] = (step, (params, opt_state, (x, y)))
+    programs["scan"] = (_fused_epoch(step), (params, opt_state, xs, ys))
+    n = peak_size or (1024 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(k_data, (n, n), dtype)
+    peak = f"matmul {n}²"
+    programs[peak] = (jnp.matmul, (a, a))
+
+    rows, timers = {}, {}
+    for variant, (fn, args) in programs.items():
+        # The training step updates its parameters in place (donated buffers).
+        donate = (0, 1) if variant == "train" else ()
+        compiled, seconds = _compile(fn, *args, donate_argnums=donate)
+        rows[variant] = {"variant": variant, "compile_s": seconds, "flops": _flops(compiled),
+                         "temp_bytes": _temp_bytes(compiled), "steps_per_call": 1}
+        if variant == "train":
+            state = jax.tree.map(jnp.copy, (params, opt_state))
+            timers[variant] = _stateful(compiled, state, (x, y))
+        else:
+            timers[variant] = functools.partial(compiled, *args)
+    rows["scan"].update(steps_per_call=epoch_steps, flops=rows["train"]["flops"])
+    torch_note = "disabled"
+    if torch_reference:
+        from . import bench_torch
+
+        torch_step, torch_note = bench_torch.train_step(
+            net, spec.input_shape, batch, dtype, optimizer, LEARNING_RATE, MOMENTUM
+        )
+        if torch_step is not None:
+            rows["pytorch"] = {"variant": "pytorch", "compile_s": None, "temp_bytes": None,
+                               "flops": rows["train"]["flops"], "steps_per_call": 1}
+            timers["pytorch"] = torch_step
+
+    times = interleaved_times(timers, rounds, round_seconds)
+    steps = {v: rows[v].pop("steps_per_call") for v in times}
+    per_step = {v: [t / steps[v] for t in ts] for v, ts in times.items()}
+    for variant, samples in per_step.items():
+        row = rows[variant]
+        median, spread = _summary(samples)
+        row.update(time_s=median, spread=spread, steps_per_s=1 / median,
+                   ratio_to_autodiff=_paired(samples, per_step["autodiff"]))
+        row["flops_per_s"] = row["flops"] / median if row["flops"] else None
+        row["fraction_of_peak"] = None
+        if row["flops"] and rows[peak]["flops"]:
+            rates = [row["flops"] / t for t in samples]
+            peaks = [rows[peak]["flops"] / t for t in per_step[peak]]
+            row["fraction_of_peak"] = _paired(rates, peaks)
+    return {"model": name, "batch": batch, "input_shape": list(spec.input_shape),
+            "layers": len(net.layers), "optimizer": optimizer,
+            "peak_flops_per_s": rows[peak]["flops_per_s"], "pytorch": torch_note,
+            "grad_rel_error": _gradient_errors(net, params, x, y, remat_every),
+            "rows": list(rows.values())}
+
+
+def run_bench(names=None, **options) -> dict:
+    """Benchmark the models ``names`` (default all of ``MODELS``); the data ``jaxbp bench`` prints.
+
+    Keyword options are those of ``bench_model``. Returns ``{"device", "backend",
+    "dtype", "jax", "models": [bench_model(...) for each name]}``.
+    """
+    names = list(names or MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"bench: unknown models {unknown}; choose from {sorted(MODELS)}")
+    dtype = jnp.dtype(options.get("dtype", "float32"))
+    if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+        raise ValueError(f"bench: dtype {dtype.name} needs jax_enable_x64; enable it first")
+    device = jax.devices()[0]
+    return {"device": f"{device.platform}: {device.device_kind}",
+            "backend": jax.default_backend(), "dtype": dtype.name, "jax": jax.__version__,
+            "models": [bench_model(n, **options) for n in names]}
+
+
+# -------------------------------------------------------------------- output
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "" if value is None else format(value * scale, spec)
+
+
+def format_table(result: dict) -> str:
+    """The aligned table ``jaxbp bench`` prints."""
+    head = ("model", "variant", "ms/step", "±", "×autodiff", "compile s", "GFLOP",
+            "GFLOP/s", "%peak", "temp MiB", "steps/s")
+    lines = [f"device {result['device']} · dtype {result['dtype']} · jax {result['jax']}"]
+    table = [head]
+    for m in result["models"]:
+        for row in m["rows"]:
+            table.append((
+                m["model"], row["variant"], _fmt(row["time_s"], ".3f", 1e3),
+                _fmt(row["spread"], ".1%"), _fmt(row["ratio_to_autodiff"], ".3f"),
+                _fmt(row["compile_s"], ".2f"), _fmt(row["flops"], ".3f", 1e-9),
+                _fmt(row["flops_per_s"], ".1f", 1e-9), _fmt(row["fraction_of_peak"], ".0%"),
+                _fmt(row["temp_bytes"], ".2f", 2**-20), _fmt(row["steps_per_s"], ".0f"),
+            ))
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    for m in result["models"]:
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in m["grad_rel_error"].items())
+        lines.append(f"{m['model']}: batch {m['batch']}, grad err vs autodiff {errors}, "
+                     f"pytorch {m['pytorch']}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)} (default all)")
+    parser.add_argument("--batch", type=int, help="batch size for every model (default per model)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--round-seconds", type=float, default=0.05,
+                        help="time each variant runs per round")
+    parser.add_argument("--remat-every", type=int, default=4,
+                        help="k of the remat row (0: no remat row)")
+    parser.add_argument("--epoch-steps", type=int, default=20, help="steps of the fused epoch")
+    parser.add_argument("--optimizer", default="sgd", choices=train.OPTIMIZERS,
+                        help="optax optimizer of the training rows (default plain SGD)")
+    parser.add_argument("--peak-size", type=int,
+                        help="n of the n×n matmul (default 1024 on CPU, 8192 elsewhere)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+
+
+def run(args) -> int:
+    if jnp.dtype(args.dtype).itemsize == 8:
+        jax.config.update("jax_enable_x64", True)
+    result = run_bench(
+        [m.strip() for m in args.models.split(",") if m.strip()], batch=args.batch,
+        dtype=args.dtype, rounds=args.rounds, round_seconds=args.round_seconds,
+        remat_every=args.remat_every or None, epoch_steps=args.epoch_steps,
+        optimizer=args.optimizer,
+        peak_size=args.peak_size, torch_reference=not args.no_torch,
+    )
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+

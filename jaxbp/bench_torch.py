@@ -1,0 +1,98 @@
+"""The PyTorch reference of ``jaxbp bench``: the same network's eager training step.
+
+PyTorch is optional and never a dependency: without it the reference says
+"not installed". The network is rebuilt layer by layer in ``torch.nn`` (images
+in PyTorch's own NCHW layout, the same FLOPs) and trained by the usual eager
+loop ``zero_grad → loss → backward → optimizer step`` on the device JAX uses,
+with PyTorch's default thread count; its OpenMP threads wait passively
+(``OMP_WAIT_POLICY=PASSIVE`` unless set), as spinning threads would slow
+whichever of JAX and PyTorch runs next on the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+
+def _module(torch, layer, shape):
+    """``(torch module, output shape)`` for one jaxbp layer; ``shape`` excludes the batch."""
+    from .layers.conv import resolve_pads
+
+    nn, kind = torch.nn, type(layer).__name__
+    out_shape = tuple(layer.init(jax.random.key(0), shape)[1])
+    simple = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "Identity": nn.Identity,
+              "GELU": nn.GELU, "Softplus": nn.Softplus, "ELU": nn.ELU, "Flatten": nn.Flatten}
+    if kind in simple:
+        return simple[kind](), out_shape
+    if kind == "Dense":
+        return nn.Linear(shape[0], layer.units, bias=layer.use_bias), out_shape
+    if kind not in ("Conv2D", "MaxPool2D", "AvgPool2D"):
+        raise ValueError(f"no PyTorch equivalent for layer {kind}")
+    window = layer.kernel_size if kind == "Conv2D" else layer.window
+    pads = [resolve_pads(layer.padding if isinstance(layer.padding, str) else layer.padding[d],
+                         shape[d], window[d], layer.stride[d]) for d in range(2)]
+    if any(lo != hi for lo, hi in pads) or (kind != "Conv2D" and any(lo for lo, _ in pads)):
+        raise ValueError(f"no PyTorch equivalent for {kind} padding {pads}")
+    padding = tuple(lo for lo, _ in pads)
+    if kind == "Conv2D":  # jaxbp images are (H, W, C); PyTorch runs them as (C, H, W)
+        conv = nn.Conv2d(shape[2], layer.filters, window, layer.stride, padding,
+                         bias=layer.use_bias)
+        return conv, out_shape
+    pool = nn.MaxPool2d if kind == "MaxPool2D" else nn.AvgPool2d
+    return pool(window, layer.stride), out_shape
+
+
+def to_torch(net, input_shape):
+    """``net``'s layers as a ``torch.nn.Sequential`` (fresh PyTorch initialisation)."""
+    import torch
+
+    modules, shape = [], tuple(input_shape)
+    for layer in net.layers:
+        module, shape = _module(torch, layer, shape)
+        modules.append(module)
+    return torch.nn.Sequential(*modules)
+
+
+def train_step(net, input_shape, batch, dtype, optimizer, learning_rate, momentum):
+    """``(step, note)``: a zero-argument eager training step, or ``(None, why not)``."""
+    # PyTorch's OpenMP threads busy-wait between parallel regions by default, which
+    # starves JAX's threads when the two take turns on the same cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:
+        return None, "not installed"
+
+    if net.loss_fn.name != "SoftmaxCrossEntropy" or net.weight_decay:
+        return None, "n/a (only softmax cross-entropy without weight decay is mapped)"
+    device = "cpu" if jax.default_backend() == "cpu" else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "n/a (this PyTorch has no CUDA)"
+    try:
+        model = to_torch(net, input_shape)
+        torch_dtype = getattr(torch, np.dtype(dtype).name)
+    except (ValueError, AttributeError, TypeError) as err:
+        return None, f"n/a ({err})"
+    model = model.to(device=device, dtype=torch_dtype)
+    shape = input_shape if len(input_shape) != 3 else (input_shape[2], *input_shape[:2])
+    x = torch.randn(batch, *shape, device=device, dtype=torch_dtype)
+    y = torch.randint(0, 10, (batch,), device=device)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    else:
+        momentum = momentum if optimizer == "momentum" else 0.0
+        opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return step, f"torch {torch.__version__} eager, {torch.get_num_threads()} threads"

@@ -1,0 +1,154 @@
+"""``jaxbp bench`` on tiny settings, and the rematerialising backward.
+
+No timing is asserted: the bench's numbers depend on the machine. What is
+asserted is the shape of its data, the JSON it writes, and the two properties
+of ``remat_every`` that do not depend on timing: gradients equal to autodiff's
+(float64, ≤ 1e-10) and a smaller temporary memory in XLA's compiled analysis.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxbp import Sequential, bench, bench_torch, cli, layers, losses, models
+from tests.helpers import max_tree_rel_error
+
+TINY = dict(batch=8, rounds=3, round_seconds=0.001, epoch_steps=2, peak_size=64)
+ROW_KEYS = {"variant", "compile_s", "flops", "temp_bytes", "time_s", "spread", "steps_per_s",
+            "ratio_to_autodiff", "flops_per_s", "fraction_of_peak"}
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.run_bench(["mlp-small"], torch_reference=False, **TINY)
+
+
+def test_run_bench_returns_every_row_well_formed(result):
+    assert result["backend"] == jax.default_backend() and result["dtype"] == "float32"
+    (model,) = result["models"]
+    assert model["model"] == "mlp-small" and model["batch"] == 8 and model["layers"] == 3
+    assert model["pytorch"] == "disabled"
+    rows = {row["variant"]: row for row in model["rows"]}
+    assert list(rows) == ["manual", "autodiff", "remat 4", "train", "scan", "matmul 64²"]
+    for row in rows.values():
+        assert set(row) == ROW_KEYS
+        assert row["time_s"] > 0 and row["steps_per_s"] == pytest.approx(1 / row["time_s"])
+        assert row["spread"] >= 0 and row["flops"] > 0 and row["fraction_of_peak"] > 0
+    assert rows["autodiff"]["ratio_to_autodiff"] == 1.0
+    assert rows["matmul 64²"]["fraction_of_peak"] == 1.0
+    assert rows["matmul 64²"]["flops"] == 2 * 64**3
+    # One step of the 64-128-10 MLP: forward 2·B·(64·128 + 128·10) FLOPs, backward twice that
+    # less the unneeded dx of the first layer; XLA counts a few element-wise FLOPs more.
+    dots = 2 * 8 * (64 * 128 + 128 * 10) * 3 - 2 * 8 * 64 * 128
+    assert dots <= rows["manual"]["flops"] < 1.1 * dots
+    assert rows["train"]["flops"] > rows["manual"]["flops"]  # plus the optimizer update
+    assert rows["remat 4"]["flops"] > rows["manual"]["flops"]  # plus the recomputation
+    for variant in ("manual", "autodiff", "remat 4"):
+        assert isinstance(rows[variant]["temp_bytes"], int)
+    assert rows["manual"]["temp_bytes"] <= rows["autodiff"]["temp_bytes"]
+    errors = model["grad_rel_error"]
+    assert set(errors) == {"manual", "remat"} and max(errors.values()) < 1e-5
+
+
+def test_format_table_lists_every_row(result):
+    table = bench.format_table(result).splitlines()
+    assert table[0].startswith("device ") and "ms/step" in table[1] and "%peak" in table[1]
+    assert sum(line.startswith("mlp-small  ") for line in table) == 6
+    assert "grad err vs autodiff" in table[-1]
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--models", "mlp-small", "--batch", "4", "--rounds", "2",
+            "--round-seconds", "0.001", "--epoch-steps", "2", "--peak-size", "32",
+            "--remat-every", "0", "--optimizer", "momentum", "--no-torch", "--json", str(path)]
+    assert cli.main(argv) == 0
+    data = json.loads(path.read_text())
+    (model,) = data["models"]
+    assert model["batch"] == 4 and model["optimizer"] == "momentum"
+    assert [r["variant"] for r in model["rows"]] == [
+        "manual", "autodiff", "train", "scan", "matmul 32²"]
+    assert "mlp-small  manual" in capsys.readouterr().out
+
+
+def test_unknown_model_is_rejected():
+    with pytest.raises(ValueError, match=r"bench: unknown models \['mlp-huge'\]"):
+        bench.run_bench(["mlp-huge"])
+
+
+def test_interleaved_times_gives_one_time_per_round():
+    calls = []
+    times = bench.interleaved_times({"a": lambda: calls.append("a"),
+                                     "b": lambda: calls.append("b")}, 4, 0.0)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert calls[6:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after 3 warm-up calls each
+
+
+def test_torch_reference_says_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    step, note = bench_torch.train_step(models.mlp((4,)), (3,), 2, "float32", "sgd", 0.1, 0.9)
+    assert step is None and note == "not installed"
+
+
+def test_torch_reference_mirrors_the_architecture():
+    torch = pytest.importorskip("torch")
+    module = bench_torch.to_torch(models.mlp(hidden=(16, 8)), (5,))
+    shapes = [tuple(p.shape) for p in module.parameters()]
+    assert shapes == [(16, 5), (16,), (8, 16), (8,), (10, 8), (10,)]
+    assert module(torch.zeros(3, 5)).shape == (3, 10)
+
+
+# ------------------------------------------------------------------------ remat
+
+
+def remat_net():
+    """Eleven layers, mixed activations, weight decay: segments of every length occur."""
+    stack = [layers.Dense(6), layers.Tanh(), layers.Dense(5), layers.ReLU(), layers.Dense(6),
+             layers.Sigmoid(), layers.Dense(4), layers.GELU(), layers.Dense(5), layers.ELU(),
+             layers.Dense(3)]
+    return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=1e-2)
+
+
+def test_remat_gradients_equal_autodiff_float64():
+    net = remat_net()
+    k_p, k_x, k_y = jax.random.split(jax.random.key(3), 3)
+    params = net.init(k_p, (4,), jnp.float64)
+    x = jax.random.normal(k_x, (7, 4), jnp.float64)
+    y = jax.random.randint(k_y, (7,), 0, 3)
+    ks = (1, 2, 3, 5, 11, 20)
+
+    @jax.jit
+    def all_grads(params, x, y):
+        auto = jax.value_and_grad(net.loss)(params, x, y)
+        return auto, [net.manual_value_and_grad(params, x, y, remat_every=k) for k in ks]
+
+    (J, auto), remat = all_grads(params, x, y)
+    for k, (J_k, g_k) in zip(ks, remat, strict=True):
+        assert abs(float(J_k - J)) <= 1e-12 * abs(float(J)), k
+        assert max_tree_rel_error(g_k, auto) <= 1e-10, k
+
+
+def test_remat_halves_xla_temporary_memory():
+    # A 12-hidden-layer MLP: every layer's input is stored without remat, every 4th with it.
+    net = models.mlp(hidden=(256,) * 12)
+    params = net.init(jax.random.key(0), (256,), jnp.float32)
+    x, y = jnp.ones((128, 256), jnp.float32), jnp.zeros((128,), jnp.int32)
+
+    def temp(k):
+        fn = jax.jit(lambda p, x, y: net.manual_value_and_grad(p, x, y, remat_every=k))
+        return fn.lower(params, x, y).compile().memory_analysis().temp_size_in_bytes
+
+    plain, remat = temp(None), temp(4)
+    assert 2 * remat <= plain, (remat, plain)
+
+
+@pytest.mark.parametrize("k", [0, -2, 2.5, True])
+def test_remat_every_must_be_a_positive_int(k):
+    net = models.mlp(hidden=(3,))
+    params = net.init(jax.random.key(0), (2,), jnp.float32)
+    with pytest.raises(ValueError, match="remat_every must be a positive int or None"):
+        net.manual_backward(params, jnp.ones((2, 2)), jnp.zeros(2, int), remat_every=k)
