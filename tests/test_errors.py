@@ -91,9 +91,11 @@ def test_bad_constructor_arguments():
         layers.Dense(0)
     with pytest.raises(ValueError, match=re.escape("Dense: init must be one of")):
         layers.Dense(3, init="uniform")
-    with pytest.raises(ValueError, match=re.escape("Sequential: weight_decay must be >= 0; got -1.0")):
+    msg = "Sequential: weight_decay must be >= 0; got -1.0"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         Sequential([layers.Dense(1)], loss=losses.MeanSquaredError(), weight_decay=-1)
-    with pytest.raises(ValueError, match=re.escape("Sequential: loss must be a jaxbp loss; got str")):
+    msg = "Sequential: loss must be a jaxbp loss; got str"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         Sequential([layers.Dense(1)], loss="mse")
     with pytest.raises(ValueError, match=re.escape(
             "Sequential: layers[1] must be a jaxbp layer; got builtin_function_or_method")):
@@ -102,6 +104,6 @@ def test_bad_constructor_arguments():
 
 def test_init_with_image_shape_for_dense():
     net = Sequential([layers.Dense(3)], loss=losses.MeanSquaredError())
-    with pytest.raises(ValueError, match=re.escape(
-            "layers[0] Dense: input_shape must be (features,) (batch axis excluded); got (8, 8, 1)")):
+    msg = "layers[0] Dense: input_shape must be (features,) (batch axis excluded); got (8, 8, 1)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         net.init(jax.random.key(0), (8, 8, 1))

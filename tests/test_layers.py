@@ -128,7 +128,7 @@ def test_layers_are_hashable_values():
     assert repr(layers.Dense(3)) == "Dense(units=3, init_scheme='lecun_normal', use_bias=True)"
 
 
-@settings(max_examples=40)
+@settings(max_examples=20)
 @given(
     layer_index=st.integers(0, len(ALL_LAYERS) - 1),
     batch=st.integers(1, 9),
@@ -138,4 +138,5 @@ def test_layers_are_hashable_values():
 def test_backward_matches_vjp_random_shapes(layer_index, batch, features, seed):
     layer = ALL_LAYERS[layer_index]
     params, x, dy = random_case(layer, batch, features, seed, jnp.float64)
-    assert max_tree_rel_error(manual(layer, params, x, dy), vjp_oracle(layer, params, x, dy)) <= 1e-10
+    want = vjp_oracle(layer, params, x, dy)
+    assert max_tree_rel_error(manual(layer, params, x, dy), want) <= 1e-10

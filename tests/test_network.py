@@ -74,7 +74,7 @@ def test_manual_backward_matches_autodiff(activation, loss, weight_decay):
             for dtype in (jnp.float64, jnp.float32):
                 cases.append((net, make_case(net, depth * 10 + batch, batch, 3, dtype)))
     results = manual_and_autodiff(cases)
-    for (net, (p, x, _)), (manual, auto) in zip(cases, results):
+    for (net, (_, x, _)), (manual, auto) in zip(cases, results):
         assert jax.tree.structure(manual) == jax.tree.structure(auto)
         bound = 1e-10 if x.dtype == jnp.float64 else 1e-5
         err = max_tree_rel_error(manual, auto)

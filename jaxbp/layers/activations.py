@@ -75,11 +75,16 @@ class ReLU(Layer):
     """``y = max(x, 0)`` (``jax.nn.relu``, whose derivative at 0 is taken as 0)."""
 
     def forward(self, params, x):
-        return jax.nn.relu(x), InputResiduals(x=x)
+        y = jax.nn.relu(x)
+        return y, OutputResiduals(y=y)
 
     def backward(self, params, residuals, dy):
-        """dx = dy ⊙ 1[x > 0] (the subgradient 0 at x = 0, as jax.nn.relu uses)."""
-        return {}, jnp.where(residuals.x > 0, dy, 0)
+        """dx = dy ⊙ 1[x > 0] = dy ⊙ 1[y > 0]; all arrays have the shape of x.
+
+        ``x > 0`` exactly when ``y > 0``, so the mask is read off the output, which
+        the next layer keeps anyway: the pre-activation need not be stored at all.
+        """
+        return {}, jnp.where(residuals.y > 0, dy, 0)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
