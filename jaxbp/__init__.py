@@ -4,9 +4,10 @@ Conventions: the batch is the leading axis; a dense layer computes
 ``y = x @ W + b`` with ``W`` of shape (in, out); images are NHWC and kernels HWIO.
 """
 
-from . import conventions, layers, losses, models
+from . import conventions, data, layers, losses, models, parallel, train
 from .bridge import with_manual_grad
 from .gradcheck import check_layer, gradcheck
+from .layers.conv import conv_output_size
 from .network import Sequential
 
 __version__ = "0.1.0"
@@ -14,9 +15,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Sequential",
     "check_layer",
+    "conv_output_size",
     "gradcheck",
     "with_manual_grad",
     "conventions",
+    "data",
+    "parallel",
+    "train",
     "layers",
     "losses",
     "models",

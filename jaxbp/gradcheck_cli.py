@@ -25,8 +25,8 @@ def _mlp_case(key, batch):
 
 
 def _cnn_case(key, batch):
-    """``models.cnn`` on random 8×8×1 images with 3 classes."""
-    net = models.cnn(classes=3)
+    """``models.cnn`` (4 and 4 filters) on random 8×8×1 images with 3 classes."""
+    net = models.cnn((8, 8, 1), classes=3, filters=(4, 4))
     k_init, k_x, k_y = jax.random.split(key, 3)
     x = jax.random.normal(k_x, (batch, 8, 8, 1))
     return net, net.init(k_init, (8, 8, 1)), x, jax.random.randint(k_y, (batch,), 0, 3)

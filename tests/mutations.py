@@ -15,9 +15,11 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxbp import Sequential, layers, losses, models
 from jaxbp.layers.activations import OutputResiduals
+from jaxbp.layers.pool import AvgPoolResiduals
 
 
 # ------------------------------------------------------------------------- layers
@@ -78,6 +80,46 @@ class ReLUMaskFromGradient(layers.ReLU):
 
     def backward(self, params, residuals, dy):
         return {}, jnp.where(dy > 0, dy, 0)
+
+
+class MaxPoolToEveryElement(layers.MaxPool2D):
+    """Sends each window's dy to every element of the window, not only to its arg-max."""
+
+    def backward(self, params, residuals, dy):
+        box = layers.AvgPool2D(self.window, self.stride, self.padding)
+        _, dx = box.backward({}, AvgPoolResiduals(x=residuals.x), dy)
+        return {}, dx * (self.window[0] * self.window[1])  # box sum, not box mean
+
+
+class ConvKernelNotFlipped(layers.Conv2D):
+    """dx correlates dy with W itself instead of the spatially flipped kernel."""
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        flipped = {**params, "W": lax.rev(params["W"], (0, 1))}  # super() flips it back
+        return dparams, super().backward(flipped, residuals, dy)[1]
+
+
+class ConvStrideIgnored(layers.Conv2D):
+    """dx treats dy as if the stride were 1 (no dilation), padded at the end to fit x.
+
+    Each gradient lands at the wrong input position; the shapes still agree.
+    """
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        x = residuals.x
+        pads, out = self._geometry(x.shape[1:3])
+        k = self.kernel_size
+        pad = [(k[d] - 1 - pads[d][0], x.shape[1 + d] - out[d] + pads[d][0]) for d in range(2)]
+        dx = lax.conv_general_dilated(
+            dy,
+            lax.rev(params["W"], (0, 1)),
+            (1, 1),
+            pad,
+            dimension_numbers=("NHWC", "HWOI", "NHWC"),
+        )
+        return dparams, dx
 
 
 # ------------------------------------------------------------------------- losses
@@ -149,6 +191,26 @@ def _sigmoid_hse():
 def _relu_ce():
     stack = [layers.Dense(6), layers.ReLU(), layers.Dense(3)]
     return dense_case(stack, losses.SoftmaxCrossEntropy(), 4, 5, int_labels=True)
+
+
+def _cnn():
+    """6×6×2 images: Conv(3, 3×3) → Tanh → MaxPool(2) → Conv(2, 2×2, stride 2) → Flatten → Dense."""
+    stack = [
+        layers.Conv2D(3, 3, padding=1),
+        layers.Tanh(),
+        layers.MaxPool2D(2),
+        layers.Conv2D(2, 2, stride=2, padding=1),
+        layers.Flatten(),
+        layers.Dense(3),
+    ]
+    net = Sequential(stack, loss=losses.SoftmaxCrossEntropy())
+    k_init, k_x, k_y = jax.random.split(jax.random.key(1), 3)
+    params = net.init(k_init, (6, 6, 2), jnp.float64)
+    x = jax.random.normal(k_x, (2, 6, 6, 2), jnp.float64)
+    return net, params, x, jax.random.randint(k_y, (2,), 0, 3)
+
+
+_CNN_BELOW_3 = frozenset({f"layers[{j}].dx" for j in range(4)} | {"layers[0].W", "layers[0].b"})
 
 
 def _worked_example():
@@ -240,5 +302,26 @@ MUTATIONS = [
         lambda net: replace_loss(net, SoftmaxCrossEntropyNoBatchMean()),
         "loss (SoftmaxCrossEntropyNoBatchMean)",
         EVERY,
+    ),
+    Mutation(
+        "max-pool gradient sent to every element of the window",
+        _cnn,
+        lambda net: replace_layer(net, 2, MaxPoolToEveryElement(2)),
+        "layers[2] (MaxPoolToEveryElement)",
+        _CNN_BELOW_3 - {"layers[3].dx"},
+    ),
+    Mutation(
+        "conv kernel not flipped in dx",
+        _cnn,
+        lambda net: replace_layer(net, 3, ConvKernelNotFlipped(2, 2, stride=2, padding=1)),
+        "layers[3] (ConvKernelNotFlipped)",
+        _CNN_BELOW_3,
+    ),
+    Mutation(
+        "conv stride ignored in dx",
+        _cnn,
+        lambda net: replace_layer(net, 3, ConvStrideIgnored(2, 2, stride=2, padding=1)),
+        "layers[3] (ConvStrideIgnored)",
+        _CNN_BELOW_3,
     ),
 ]

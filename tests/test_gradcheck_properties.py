@@ -1,14 +1,15 @@
 """Property: every correct random architecture passes ``gradcheck`` in float64.
 
 Random dense networks (depth 1–5, every activation, every loss, weight decay,
-batch 1–16) — and convolutional ones when the conv layers are available — must
-give ``report.ok``. Shapes are tiny and finite differences check a few
-coordinates per leaf, so each example costs about one small compile.
+batch 1–16) and random convolutional ones (1–4 Conv2D / MaxPool2D / AvgPool2D
+blocks of every geometry, then Flatten and Dense) must give ``report.ok``.
+Shapes are tiny and finite differences check 3 coordinates per leaf, so each
+example costs about one small compile; the "ci" profile is derandomized.
 """
 
 import jax
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, gradcheck, layers, losses
@@ -64,9 +65,53 @@ def dense_cases(draw):
     return net, (draw(st.integers(1, 4)),), kind
 
 
+@st.composite
+def conv_cases(draw):
+    """(net, input_shape, target kind): 1–4 conv/pool blocks, Flatten, Dense(classes)."""
+    input_shape = (draw(st.integers(3, 6)), draw(st.integers(3, 6)), draw(st.integers(1, 2)))
+    stack = []
+    for _ in range(draw(st.integers(1, 4))):
+        window = draw(st.sampled_from([1, 2, 3, (1, 2), (3, 2)]))
+        stride = draw(st.sampled_from([1, 2, (2, 1)]))
+        kind = draw(st.sampled_from(["conv", "conv", "max", "avg"]))
+        if kind == "conv":
+            padding = draw(st.sampled_from(["SAME", "VALID", 0, 1, ((1, 0), (0, 2))]))
+            stack.append(
+                layers.Conv2D(
+                    draw(st.integers(1, 3)), window, stride, padding, use_bias=draw(st.booleans())
+                )
+            )
+            stack.append(draw(st.sampled_from(ACTIVATIONS)))
+        else:
+            pool = layers.MaxPool2D if kind == "max" else layers.AvgPool2D
+            stack.append(pool(window, stride, draw(st.sampled_from(["SAME", "VALID", 0]))))
+    stack += [layers.Flatten(), layers.Dense(draw(st.integers(2, 3)))]
+    kind, loss = draw(st.sampled_from(LOSSES))
+    net = Sequential(stack, loss=loss, weight_decay=draw(st.sampled_from([0.0, 1e-3, 0.1])))
+    try:
+        net.output_shape(input_shape)
+    except ValueError:  # a window larger than its (padded) input
+        assume(False)
+    return net, input_shape, kind
+
+
+def random_params(net, input_shape, rng):
+    """Standard-normal params scaled by 1/√fan_in, shaped by ``net.init`` without running it.
+
+    (``jax.eval_shape`` only traces: an eager ``init`` would compile a kernel per new shape.)
+    """
+    shapes = jax.eval_shape(lambda k: net.init(k, input_shape), jax.random.key(0))
+
+    def draw(s):
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return rng.normal(size=s.shape) / np.sqrt(fan_in)
+
+    return jax.tree.map(draw, shapes)
+
+
 def check(net, input_shape, kind, batch, seed):
     rng = np.random.default_rng(seed)
-    params = net.init(jax.random.key(seed), input_shape)
+    params = random_params(net, input_shape, rng)
     x = rng.normal(size=(batch, *input_shape))
     (classes,) = net.output_shape(input_shape)
     y = targets(kind, rng, batch, classes)
@@ -74,7 +119,13 @@ def check(net, input_shape, kind, batch, seed):
     assert report.ok, str(report)
 
 
-@settings(max_examples=200)
+@settings(max_examples=140)
 @given(case=dense_cases(), batch=st.integers(1, 16), seed=st.integers(0, 2**16))
 def test_random_dense_networks_pass(case, batch, seed):
+    check(*case, batch, seed)
+
+
+@settings(max_examples=60)
+@given(case=conv_cases(), batch=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_random_conv_networks_pass(case, batch, seed):
     check(*case, batch, seed)

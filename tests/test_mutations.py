@@ -48,15 +48,22 @@ def test_check_grads_float32_blind_spot_is_caught_by_gradcheck():
     """``jax.test_util.check_grads`` tests one random direction with tolerance 2e-3 in float32.
 
     A backward that returns zeros for the whole first-layer W passes it (through the
-    custom_vjp bridge, check_grads sees the manual gradient), while gradcheck's
-    per-leaf comparison names ``layers[0].W``.
+    custom_vjp bridge, check_grads sees the manual gradient): through three sigmoid
+    layers that gradient is ~100× smaller than the last layer's, so it hardly moves
+    the one projected number. gradcheck's per-leaf comparison names ``layers[0].W``.
     """
     net, params, x, y = _deep_sigmoid_case(DenseZeroWeightGradient(8))
     loss = with_manual_grad(net)
     check_grads(lambda p: loss(p, x, y), (params,), order=1, modes=("rev",))  # passes
 
-    good = jax.grad(Sequential(
-        [layers.Dense(8), *net.layers[1:]], loss=net.loss_fn).loss)(params, x, y)
+    # check_grads is not vacuous: the same bug in the last layer (larger gradient) fails it.
+    last = Sequential([*net.layers[:-1], DenseZeroWeightGradient(1)], loss=net.loss_fn)
+    with pytest.raises(AssertionError, match="cotangent projection"):
+        check_grads(lambda p: with_manual_grad(last)(p, x, y), (params,), 1, modes=("rev",))
+
+    good = jax.grad(Sequential([layers.Dense(8), *net.layers[1:]], loss=net.loss_fn).loss)(
+        params, x, y
+    )
     bad = jax.grad(loss)(params, x, y)
     assert np.all(np.asarray(bad[0]["W"]) == 0) and np.any(np.asarray(good[0]["W"]) != 0)
 

@@ -1,0 +1,248 @@
+"""gradcheck / check_layer: the report's content, formats, precision handling, kinks and CLI."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbp import Sequential, check_layer, cli, gradcheck, layers, losses, models
+from jaxbp import gradcheck_cli as gradcheck_cli
+from jaxbp.gradcheck import fd_coordinates
+from jaxbp.gradcheck_report import GradcheckError, GradReport
+from tests.mutations import DenseBiasNotSummed, _tanh3, _worked_example, replace_layer
+
+
+@pytest.fixture(scope="module")
+def worked():
+    return gradcheck(*_worked_example())
+
+
+@pytest.fixture(scope="module")
+def broken():
+    net, params, x, y = _tanh3()
+    return gradcheck(replace_layer(net, 4, DenseBiasNotSummed(2)), params, x, y)
+
+
+def test_worked_example_rows_paths_and_order(worked):
+    assert worked.ok and worked.first_divergence is None and worked.dtype == "float64"
+    assert [r.path for r in worked.params] == [
+        "layers[0].W", "layers[0].b", "layers[2].W", "layers[2].b"]  # fmt: skip
+    assert [r.path for r in worked.signals] == [
+        "loss.dy_hat", "layers[3].dx", "layers[2].dx", "layers[1].dx", "layers[0].dx"]  # fmt: skip
+    assert worked.loss == pytest.approx(0.298371109, abs=1e-9)  # tutorial 004's E_total
+    for r in worked.rows:
+        assert r.status == "ok" and r.rel_err <= 1e-12 and r.cosine == pytest.approx(1.0)
+    w = worked.row("layers[2].W")
+    assert w.shape == (2, 2) and w.fd_coords == 4 and w.fd_rel_err < 1e-7
+    assert worked.row("layers[0].dx").fd_rel_err is None  # signals: no finite differences
+
+
+def test_text_table_is_aligned_and_says_precision(worked):
+    text = str(worked)
+    assert "float64 (jax_enable_x64 " in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("name"))
+    table = [line for line in lines[header:] if line.startswith(("name", "layers[", "loss."))]
+    table = [line for line in table if not re.match(r"\S+: ", line)]  # drop detail lines
+    assert len(table) == 1 + 4 + 5
+    for column in ("shape", "|manual|", "cosine", "status"):
+        at = lines[header].index(column)
+        assert all(line[at - 2 : at] == "  " and line[at] != " " for line in table), column
+    assert lines[-1].startswith("OK: ")
+
+
+def test_failing_report_names_leaf_in_text_html_and_verdict(broken):
+    assert not broken.ok
+    assert [r.path for r in broken.failures] == ["layers[4].b"]
+    assert broken.row("layers[4].b").detail.startswith("manual ≠ autodiff")
+    text = str(broken)
+    assert "FAIL: first divergence from the output: layers[4] (DenseBiasNotSummed)" in text
+    assert re.search(r"^layers\[4\]\.b .* FAIL$", text, re.M)
+    html = broken._repr_html_()
+    assert html.count("<tr") == 1 + len(broken.rows) + 1  # header, rows, signals heading
+    assert re.search(r'<tr style="color:#b00020[^>]*><td>layers\[4\]\.b</td>', html)
+    assert "first divergence from the output" in html
+
+
+def test_raise_if_failed(worked, broken):
+    assert worked.raise_if_failed() is worked
+    with pytest.raises(GradcheckError, match=r"(?s)gradient check failed.*layers\[4\]\.b"):
+        broken.raise_if_failed()
+    assert issubclass(GradcheckError, AssertionError)
+
+
+def test_dict_and_json_round_trip(worked, broken):
+    for report in (worked, broken):
+        d = json.loads(report.to_json())
+        assert d["ok"] is report.ok and d == report.to_dict()
+        assert GradReport.from_dict(d) == report
+    assert d["first_divergence"] == "layers[4] (DenseBiasNotSummed)"
+    assert d["params"][0]["shape"] == [3, 3]
+
+
+def test_x64_enabled_for_the_check_only_and_restored():
+    with jax.enable_x64(False):
+        net, params, x, y = models.worked_example()  # float32 arrays
+        report = gradcheck(net, params, x, y)
+        assert jax.config.jax_enable_x64 is False
+    assert "enabled for this check only; previous setting restored" in report.precision
+    assert report.dtype == "float64" and report.ok
+    # float32 finite differences could not get within 1e-7 of the gradient
+    assert max(r.fd_rel_err for r in report.params) < 1e-7
+
+
+def test_float32_warns_and_restores_x64():
+    net, params, x, y = _worked_example()
+    with pytest.warns(UserWarning, match="finite differences are unreliable in float32"):
+        report = gradcheck(net, params, x, y, dtype="float32")
+    assert jax.config.jax_enable_x64 is True
+    assert report.dtype == "float32" and report.ok
+    assert "disabled for this check only" in report.precision
+    assert any("unreliable" in n for n in report.notes)
+
+
+def test_bad_dtype():
+    with pytest.raises(
+        ValueError, match="gradcheck: dtype must be float64 or float32; got 'int32'"
+    ):
+        gradcheck(*_worked_example(), dtype="int32")
+
+
+def test_fd_coordinates_full_small_seeded_subset_large():
+    a, b = fd_coordinates([4, 100], 10, seed=3)
+    np.testing.assert_array_equal(a, np.arange(4))
+    assert len(set(b)) == 10 and list(b) == sorted(b) and b.max() < 100
+    np.testing.assert_array_equal(b, fd_coordinates([4, 100], 10, seed=3)[1])
+    assert not np.array_equal(b, fd_coordinates([4, 100], 10, seed=4)[1])
+    assert [c.size for c in fd_coordinates([4, 100], 0, seed=0)] == [0, 0]
+
+
+def test_large_leaf_checks_a_seeded_subset():
+    net = models.mlp(hidden=(20,), classes=3)
+    params = net.init(jax.random.key(0), (10,))
+    x, y = jax.random.normal(jax.random.key(1), (4, 10)), jnp.array([0, 1, 2, 0])
+    report = gradcheck(net, params, x, y, fd_max_coords=8)
+    assert report.ok
+    assert [r.fd_coords for r in report.params] == [8, 8, 8, 3]  # W (10,20), b (20,), W, b (3,)
+
+
+def test_wrong_shape_is_a_failing_row():
+    class DenseBatchBias(layers.Dense):
+        def backward(self, params, residuals, dy):
+            dparams, dx = super().backward(params, residuals, dy)
+            return {**dparams, "b": dy}, dx  # forgot to sum: (batch, out)
+
+    net, params, x, y = _tanh3()
+    report = gradcheck(replace_layer(net, 4, DenseBatchBias(2)), params, x, y)
+    row = report.row("layers[4].b")
+    assert row.status == "FAIL" and row.detail == "manual gradient has shape (4, 2), expected (2,)"
+
+
+# ------------------------------------------------------------------------------ kinks
+def test_relu_at_zero_is_a_kink_not_a_failure():
+    """x = 0 and b = 0 put every ReLU input exactly at 0: FD of b straddles the kink."""
+    net = Sequential([layers.Dense(3), layers.ReLU(), layers.Dense(2)], losses.HalfSquaredError())
+    params = net.init(jax.random.key(0), (2,))
+    params[2]["b"] = jnp.array([0.3, -0.2])
+    x, y = jnp.zeros((2, 2)), jnp.ones((2, 2))
+    report = gradcheck(net, params, x, y)
+    assert report.ok, str(report)
+    assert report.row("layers[0].b").status == "kink"
+    assert "kink" in report.row("layers[0].b").detail and "(1 row(s) at a kink)" in str(report)
+
+
+def test_hinge_at_the_margin_is_a_kink():
+    net = Sequential([layers.Dense(3)], losses.Hinge(margin=0.0))
+    params = [{"W": jnp.zeros((2, 3)), "b": jnp.zeros(3)}]  # every score 0: m_j = 0
+    report = gradcheck(net, params, jnp.ones((2, 2)), jnp.array([0, 2]))
+    assert report.ok and {r.status for r in report.params} == {"kink"}, str(report)
+
+
+def test_max_pool_ties_are_a_kink():
+    report = check_layer(layers.MaxPool2D(2), (4, 4, 1), x=jnp.ones((1, 4, 4, 1)))
+    assert report.ok and report.row("dx").status == "kink", str(report)
+
+
+def test_non_differentiable_forward_fails_in_float64():
+    """manual = autodiff, but the forward hides a dependence from autodiff (stop_gradient)."""
+
+    class HiddenScale(layers.Identity):
+        def forward(self, params, x):
+            return x + jax.lax.stop_gradient(x), None  # y = 2x, autodiff sees y' = 1
+
+    net = Sequential([layers.Dense(2), HiddenScale()], losses.HalfSquaredError())
+    net, params, x, y = net, net.init(jax.random.key(0), (2,)), jnp.ones((3, 2)), jnp.zeros((3, 2))
+    report = gradcheck(net, params, x, y)
+    assert not report.ok and report.first_divergence is None
+    assert "both disagree with finite differences" in report.row("layers[0].W").detail
+    assert "first divergence from the output: finite differences only" in str(report)
+
+
+# ------------------------------------------------------------------------ check_layer
+CHECKED_LAYERS = [
+    (layers.Dense(3), (4,)),
+    (layers.Dense(3, use_bias=False), (4,)),
+    (layers.Identity(), (4,)),
+    (layers.Sigmoid(), (4,)),
+    (layers.Tanh(), (4,)),
+    (layers.ReLU(), (4,)),
+    (layers.LeakyReLU(0.1), (4,)),
+    (layers.ELU(1.3), (4,)),
+    (layers.GELU(approximate=True), (4,)),
+    (layers.GELU(approximate=False), (4,)),
+    (layers.Softplus(), (4,)),
+    (layers.Softmax(), (4,)),
+    (layers.Flatten(), (3, 3, 2)),
+    (layers.Conv2D(2, 3, padding="SAME"), (5, 5, 2)),
+    (layers.Conv2D(2, (3, 2), stride=2, padding=((1, 0), (0, 1))), (6, 5, 1)),
+    (layers.MaxPool2D(2), (4, 4, 2)),
+    (layers.MaxPool2D(3, stride=2, padding=1), (5, 5, 1)),
+    (layers.AvgPool2D(2, padding="SAME"), (5, 5, 2)),
+]
+
+
+@pytest.mark.parametrize(("layer", "shape"), CHECKED_LAYERS, ids=lambda v: repr(v))
+def test_check_layer_passes_every_layer(layer, shape):
+    report = check_layer(layer, shape, batch=2)
+    assert report.ok, str(report)
+    params = layer.init(jax.random.key(0), shape)[0]
+    assert [r.path for r in report.rows] == [*sorted(params), "dx"]
+
+
+def test_check_layer_names_the_wrong_leaf():
+    report = check_layer(DenseBiasNotSummed(3), (4,), batch=3)
+    assert [r.path for r in report.failures] == ["b"]
+    assert report.first_divergence.startswith("DenseBiasNotSummed(")
+
+
+# -------------------------------------------------------------------------------- CLI
+def test_cli_worked_example_exit_0(capsys):
+    assert cli.main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "layers[2].W" in out and out.rstrip().splitlines()[-1].startswith("OK: ")
+
+
+def test_cli_json_mlp(capsys):
+    assert cli.main(["gradcheck", "--model", "mlp", "--batch", "3", "--seed", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["ok"] is True and d["params"][0]["path"] == "layers[0].W"
+
+
+def test_cli_exit_1_on_failure(capsys, monkeypatch):
+    def broken_case(key, batch):
+        net, params, x, y = _tanh3()
+        return replace_layer(net, 4, DenseBiasNotSummed(2)), params, x, y
+
+    monkeypatch.setitem(gradcheck_cli.PRESETS, "mlp", broken_case)
+    assert cli.main(["gradcheck", "--model", "mlp"]) == 1
+    assert "FAIL: first divergence from the output: layers[4]" in capsys.readouterr().out
+
+
+def test_cli_cnn_float32(capsys):
+    with pytest.warns(UserWarning, match="unreliable"):
+        assert cli.main(["gradcheck", "--model", "cnn", "--dtype", "float32", "--batch", "2"]) == 0
+    assert "Conv2D" in capsys.readouterr().out
+    assert jax.config.jax_enable_x64 is True
