@@ -13,7 +13,7 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS = {
     "gradcheck": ("jaxbp.gradcheck_cli", "check a network's manual backward against autodiff"),
-    "train": ("jaxbp.cli_train", "check the manual gradients, then train on a real dataset"),
+    "train": ("jaxbp.train_cli", "check the manual gradients, then train on a real dataset"),
     "bench": ("jaxbp.bench", "time the manual backward against autodiff and the matmul peak"),
 }
 
