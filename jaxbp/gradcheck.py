@@ -9,7 +9,9 @@ to name the first layer, counting from the output, whose backward disagrees.
 
 Precision: the check runs in float64 by default, enabling ``jax_enable_x64``
 only inside the call (``jax.enable_x64``) and restoring the previous setting.
-Inputs are cast to the checked dtype.
+Inputs are cast to the checked dtype. Matrix products run at
+``jax.default_matmul_precision("highest")`` inside the check, so TF32 on GPUs
+cannot blur float32 comparisons.
 
 Tolerances (per row; ``scale = max|autodiff|`` of the row, ``G`` the largest
 ``|autodiff|`` entry of the table, ε the dtype's machine epsilon):
@@ -80,7 +82,12 @@ def _dtype_name(dtype) -> str:
 
 @contextlib.contextmanager
 def _precision(dtype: str):
-    """Enable (float64) or disable (float32) x64 for the check only; yield a description."""
+    """Enable (float64) or disable (float32) x64 for the check only; yield a description.
+
+    Matmuls and convolutions run at "highest" precision inside the check: on GPUs and
+    TPUs the default may use TF32 or bfloat16 passes for float32, whose rounding
+    (about 1e-3 relative) would swamp the differences the check looks for.
+    """
     before = bool(jax.config.jax_enable_x64)
     want = dtype == "float64"
     if want == before:
@@ -88,7 +95,7 @@ def _precision(dtype: str):
     else:
         state = "enabled" if want else "disabled"
         line = f"{dtype} (jax_enable_x64 {state} for this check only; previous setting restored)"
-    with jax.enable_x64(want):
+    with jax.enable_x64(want), jax.default_matmul_precision("highest"):
         yield line
 
 
