@@ -173,3 +173,30 @@ def test_random_architectures(widths, activations, loss, weight_decay, batch, fe
     net = Sequential(stack, loss=loss, weight_decay=weight_decay)
     p, x, y = make_case(net, seed, batch, features, jnp.float64)
     assert max_tree_rel_error(net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y)) <= 1e-10
+
+
+def test_manual_backward_never_calls_autodiff(monkeypatch):
+    """With JAX's differentiation entry points booby-trapped, the manual path still runs."""
+    from jaxbp import models
+
+    def trap(*args, **kwargs):
+        raise AssertionError("autodiff called on the manual path")
+
+    for name in ("grad", "value_and_grad", "vjp", "jvp", "linearize"):
+        monkeypatch.setattr(jax, name, trap)
+    jax.clear_caches()  # force fresh traces
+    stack = []
+    for activation in ACTIVATIONS:
+        stack += [layers.Dense(4), activation]
+    nets = [
+        (Sequential(stack + [layers.Dense(CLASSES)], loss=loss, weight_decay=0.1), (3,))
+        for loss in LOSSES
+    ]
+    nets.append((models.cnn((8, 8, 1), classes=CLASSES, weight_decay=0.1), (8, 8, 1)))
+    for net, input_shape in nets:
+        p = net.init(jax.random.key(0), input_shape)
+        x = jax.random.normal(jax.random.key(1), (2, *input_shape))
+        y = make_targets(net.loss_fn, jax.random.key(2), 2, x.dtype)
+        net.manual_value_and_grad(p, x, y)
+        net.manual_backward(p, x, y, remat_every=2)
+        net.manual_backward_with_signals(p, x, y)
