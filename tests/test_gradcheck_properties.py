@@ -13,19 +13,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, gradcheck, layers, losses
+from tests.test_layers import ACTIVATIONS
 
-ACTIVATIONS = [
-    layers.Identity(),
-    layers.Sigmoid(),
-    layers.Tanh(),
-    layers.ReLU(),
-    layers.LeakyReLU(0.1),
-    layers.ELU(1.3),
-    layers.GELU(approximate=True),
-    layers.GELU(approximate=False),
-    layers.Softplus(),
-    layers.Softmax(),
-]
 LOSSES = [
     ("regression", losses.HalfSquaredError()),
     ("regression", losses.MeanSquaredError()),
