@@ -8,6 +8,9 @@ For each model, on whatever device JAX selects, in one run:
 * ``train``    a full optax step (manual gradients; plain SGD unless ``optimizer`` says
                ``"momentum"`` or ``"adam"``), called in a Python loop;
 * ``scan``     the same step fused into an epoch by ``lax.scan`` (time per step);
+* ``matmuls``  for dense nets, the matmuls of ``manual`` alone (same shapes and
+               operand layouts, no bias, activation, loss or reduction between them):
+               the ceiling any step built from these matmuls can reach;
 * ``matmul``   an ``n × n`` by ``n × n`` matmul of the same dtype: the device's peak;
 * ``pytorch``  the same architecture's eager training step, if torch is installed.
 
@@ -17,7 +20,9 @@ blocks on its result), so a busy machine slows every variant alike. A row
 reports the median time per step over the rounds and the spread (half the
 inter-quartile range, relative to the median). ``×autodiff`` and ``%peak`` are
 medians of per-round ratios, each between two variants timed in the same round.
-FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
+The ratio's ``IQR`` column gives the quartiles of those per-round
+ratios: when it straddles 1.00, the two variants are equally fast within the
+machine's noise. FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
 median time`` and ``%peak`` divides it by the matmul's rate. ``temp`` is the
 temporary memory of XLA's compiled memory analysis (parameters, inputs and
 outputs excluded); ``compile`` is trace + lower + compile of that program. The
@@ -54,6 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from . import models, train
+from .layers import Dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +192,33 @@ def _gradient_errors(net, params, x, y, remat_every) -> dict:
         return {k: float(v) for k, v in jax.jit(errors)(params, x, y).items()}
 
 
+def _matmuls(net, params):
+    """The matmuls of a dense net's manual value-and-grad and nothing else, or ``None``.
+
+    ``None`` unless every layer with parameters is a ``Dense`` (activations have
+    none). Forward ``a_{l+1} = a_l W_l``; backward, seeded with the output,
+    ``dW_l = a_lᵀ dz_l`` and ``dz_{l-1} = dz_l W_lᵀ`` (none below the first layer):
+    the dots of ``Dense.backward`` with their shapes and operand layouts, without
+    the element-wise work and reductions that the real step runs between them.
+    """
+    if not all(isinstance(layer, Dense) for layer, p in zip(net.layers, params) if p):
+        return None
+
+    def matmuls(weights, x):
+        inputs, a = [], x
+        for W in weights:
+            inputs.append(a)
+            a = a @ W
+        dz, dweights = a, []
+        for i in reversed(range(len(weights))):
+            dweights.append(inputs[i].T @ dz)
+            if i:
+                dz = dz @ weights[i].T
+        return dweights
+
+    return matmuls, [p["W"] for p in params if p]
+
+
 def _data(spec: ModelSpec, batch: int, dtype, key, steps: int = 0):
     kx, ky = jax.random.split(key)
     lead = (steps, batch) if steps else (batch,)
@@ -193,9 +226,17 @@ def _data(spec: ModelSpec, batch: int, dtype, key, steps: int = 0):
     return x, jax.random.randint(ky, lead, 0, spec.classes)
 
 
-def _paired(numerators, denominators) -> float:
-    """Median over rounds of ``numerator / denominator`` timed in the same round."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+def _ratios(numerators, denominators) -> list[float]:
+    """Per-round ``numerator / denominator``, both timed in the same round."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
+
+
+def _quartiles(samples: list[float]) -> list[float]:
+    """``[q1, q3]`` of the samples (min and max when there are fewer than four)."""
+    if len(samples) < 4:
+        return [min(samples), max(samples)]
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return [q1, q3]
 
 
 def bench_model(name: str, *, batch=None, dtype="float32", rounds=15, round_seconds=0.05,
@@ -226,6 +267,9 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=15, round_seco
                 "autodiff": (jax.value_and_grad(net.loss), (params, x, y))}
     if remat_every:
         programs[f"remat {remat_every}"] = (manual(remat_every), (params, x, y))
+    chain = _matmuls(net, params)
+    if chain is not None:
+        programs["matmuls"] = (chain[0], (chain[1], x))
     programs["train"] = (step, (params, opt_state, (x, y)))
     programs["scan"] = (_fused_epoch(step), (params, opt_state, xs, ys))
     n = peak_size or (1024 if jax.default_backend() == "cpu" else 8192)
@@ -264,14 +308,15 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=15, round_seco
     for variant, samples in per_step.items():
         row = rows[variant]
         median, spread = _summary(samples)
+        ratios = _ratios(samples, per_step["autodiff"])
         row.update(time_s=median, spread=spread, steps_per_s=1 / median,
-                   ratio_to_autodiff=_paired(samples, per_step["autodiff"]))
+                   ratio_to_autodiff=statistics.median(ratios), ratio_iqr=_quartiles(ratios))
         row["flops_per_s"] = row["flops"] / median if row["flops"] else None
         row["fraction_of_peak"] = None
         if row["flops"] and rows[peak]["flops"]:
             rates = [row["flops"] / t for t in samples]
             peaks = [rows[peak]["flops"] / t for t in per_step[peak]]
-            row["fraction_of_peak"] = _paired(rates, peaks)
+            row["fraction_of_peak"] = statistics.median(_ratios(rates, peaks))
     return {"model": name, "batch": batch, "input_shape": list(spec.input_shape),
             "layers": len(net.layers), "optimizer": optimizer,
             "peak_flops_per_s": rows[peak]["flops_per_s"], "pytorch": torch_note,
@@ -307,7 +352,7 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def format_table(result: dict) -> str:
     """The aligned table ``jaxbp bench`` prints."""
-    head = ("model", "variant", "ms/step", "±", "×autodiff", "compile s", "GFLOP",
+    head = ("model", "variant", "ms/step", "±", "×autodiff", "IQR", "compile s", "GFLOP",
             "GFLOP/s", "%peak", "temp MiB", "steps/s")
     lines = [f"device {result['device']} · dtype {result['dtype']} · jax {result['jax']}"]
     table = [head]
@@ -316,6 +361,7 @@ def format_table(result: dict) -> str:
             table.append((
                 m["model"], row["variant"], _fmt(row["time_s"], ".3f", 1e3),
                 _fmt(row["spread"], ".1%"), _fmt(row["ratio_to_autodiff"], ".3f"),
+                "–".join(format(q, ".2f") for q in row["ratio_iqr"]),
                 _fmt(row["compile_s"], ".2f"), _fmt(row["flops"], ".3f", 1e-9),
                 _fmt(row["flops_per_s"], ".1f", 1e-9), _fmt(row["fraction_of_peak"], ".0%"),
                 _fmt(row["temp_bytes"], ".2f", 2**-20), _fmt(row["steps_per_s"], ".0f"),

@@ -18,7 +18,7 @@ from tests.helpers import max_tree_rel_error
 
 TINY = dict(batch=8, rounds=3, round_seconds=0.001, epoch_steps=2, peak_size=64)
 ROW_KEYS = {"variant", "compile_s", "flops", "temp_bytes", "time_s", "spread", "steps_per_s",
-            "ratio_to_autodiff", "flops_per_s", "fraction_of_peak"}
+            "ratio_to_autodiff", "ratio_iqr", "flops_per_s", "fraction_of_peak"}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,14 @@ def test_run_bench_returns_every_row_well_formed(result):
     assert model["model"] == "mlp-small" and model["batch"] == 8 and model["layers"] == 3
     assert model["pytorch"] == "disabled"
     rows = {row["variant"]: row for row in model["rows"]}
-    assert list(rows) == ["manual", "autodiff", "remat 4", "train", "scan", "matmul 64²"]
+    assert list(rows) == ["manual", "autodiff", "remat 4", "matmuls", "train", "scan",
+                          "matmul 64²"]
     for row in rows.values():
         assert set(row) == ROW_KEYS
         assert row["time_s"] > 0 and row["steps_per_s"] == pytest.approx(1 / row["time_s"])
         assert row["spread"] >= 0 and row["flops"] > 0 and row["fraction_of_peak"] > 0
+        q1, q3 = row["ratio_iqr"]
+        assert q1 <= row["ratio_to_autodiff"] <= q3
     assert rows["autodiff"]["ratio_to_autodiff"] == 1.0
     assert rows["matmul 64²"]["fraction_of_peak"] == 1.0
     assert rows["matmul 64²"]["flops"] == 2 * 64**3
@@ -44,6 +47,7 @@ def test_run_bench_returns_every_row_well_formed(result):
     # less the unneeded dx of the first layer; XLA counts a few element-wise FLOPs more.
     dots = 2 * 8 * (64 * 128 + 128 * 10) * 3 - 2 * 8 * 64 * 128
     assert dots <= rows["manual"]["flops"] < 1.1 * dots
+    assert rows["matmuls"]["flops"] == dots  # the same matmuls, nothing else
     assert rows["train"]["flops"] > rows["manual"]["flops"]  # plus the optimizer update
     assert rows["remat 4"]["flops"] > rows["manual"]["flops"]  # plus the recomputation
     for variant in ("manual", "autodiff", "remat 4"):
@@ -56,7 +60,8 @@ def test_run_bench_returns_every_row_well_formed(result):
 def test_format_table_lists_every_row(result):
     table = bench.format_table(result).splitlines()
     assert table[0].startswith("device ") and "ms/step" in table[1] and "%peak" in table[1]
-    assert sum(line.startswith("mlp-small  ") for line in table) == 6
+    assert sum(line.startswith("mlp-small  ") for line in table) == 7
+    assert "IQR" in table[1]
     assert "grad err vs autodiff" in table[-1]
 
 
@@ -70,8 +75,32 @@ def test_cli_writes_json(tmp_path, capsys):
     (model,) = data["models"]
     assert model["batch"] == 4 and model["optimizer"] == "momentum"
     assert [r["variant"] for r in model["rows"]] == [
-        "manual", "autodiff", "train", "scan", "matmul 32²"]
+        "manual", "autodiff", "matmuls", "train", "scan", "matmul 32²"]
     assert "mlp-small  manual" in capsys.readouterr().out
+
+
+def test_matmuls_are_the_gradient_of_a_linear_chain():
+    # Without activations and biases, the chain's weight gradients are those of
+    # ½‖x W1 W2 W3‖² (the output seeds the backward walk).
+    net = models.mlp(hidden=(5, 4), classes=3)
+    params = net.init(jax.random.key(0), (6,), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (7, 6), jnp.float64)
+    matmuls, weights = bench._matmuls(net, params)
+
+    def half_square(weights):
+        a = x
+        for W in weights:
+            a = a @ W
+        return 0.5 * jnp.sum(a * a)
+
+    expected = jax.grad(half_square)(weights)
+    got = matmuls(weights, x)[::-1]  # returned from the last layer down
+    assert max_tree_rel_error(got, expected) <= 1e-12
+
+
+def test_matmuls_row_only_for_dense_nets():
+    net = models.cnn((8, 8, 1), 3, filters=(2, 2))
+    assert bench._matmuls(net, net.init(jax.random.key(0), (8, 8, 1))) is None
 
 
 def test_unknown_model_is_rejected():
