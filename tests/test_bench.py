@@ -54,7 +54,21 @@ def test_run_bench_returns_every_row_well_formed(result):
         assert isinstance(rows[variant]["temp_bytes"], int)
     assert rows["manual"]["temp_bytes"] <= rows["autodiff"]["temp_bytes"]
     errors = model["grad_rel_error"]
+    assert model["grad_reference"] == "float32"
     assert set(errors) == {"manual", "remat"} and max(errors.values()) < 1e-5
+
+
+def test_bfloat16_gradients_are_measured_against_float32_autodiff():
+    # In bfloat16, autodiff's own gradient is rounded as coarsely as the manual one,
+    # so both are compared with autodiff in float32.
+    net = models.cnn((8, 8, 1), 3, filters=(2, 2))
+    params = net.init(jax.random.key(0), (8, 8, 1), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1), jnp.bfloat16)
+    y = jax.random.randint(jax.random.key(2), (16,), 0, 3)
+    reference, errors = bench._gradient_errors(net, params, x, y, 2)
+    assert reference == "float32" and set(errors) == {"manual", "remat", "autodiff"}
+    assert max(errors["manual"], errors["remat"]) < 0.05, errors  # 8 significant bits
+    assert errors["autodiff"] > 0
 
 
 def test_format_table_lists_every_row(result):
@@ -62,7 +76,7 @@ def test_format_table_lists_every_row(result):
     assert table[0].startswith("device ") and "ms/step" in table[1] and "%peak" in table[1]
     assert sum(line.startswith("mlp-small  ") for line in table) == 7
     assert "IQR" in table[1]
-    assert "grad err vs autodiff" in table[-1]
+    assert "grad err vs float32 autodiff" in table[-1]
 
 
 def test_cli_writes_json(tmp_path, capsys):
