@@ -18,15 +18,16 @@ Timing: every variant is warmed up, then the variants take turns in ``rounds``
 interleaved rounds (each round runs a variant for about ``round_seconds``, at
 least one call, and blocks on its result), so a busy machine slows every variant
 alike. Many short rounds pair the variants closely in time: on a shared 2-core
-machine whose speed drifted by a third within the hour, 201 one-call rounds
-put the quartiles of the manual/autodiff ratio of mlp-large within ±1.2%,
-against ±4% for 41 rounds of 0.2 s. A row
-reports the median time per step over the rounds and the spread (half the
-inter-quartile range, relative to the median). ``×autodiff`` and ``%peak`` are
-medians of per-round ratios, each between two variants timed in the same round.
-The ratio's ``IQR`` column gives the quartiles of those per-round
-ratios: when it straddles 1.00, the two variants are equally fast within the
-machine's noise. FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
+machine whose speed drifted by a third within the hour, 201 one-call rounds put
+the quartiles of the manual/autodiff ratio of mlp-large within ±1.2%, against
+±4% for 41 rounds of 0.2 s.
+
+A row reports the median time per step over the rounds and the spread (half
+the inter-quartile range, relative to the median). ``×autodiff`` and ``%peak``
+are medians of per-round ratios, each between two variants timed in the same
+round; ``IQR`` gives the quartiles of the ``×autodiff`` ratios: when they
+straddle 1.00, the two variants are equally fast within the machine's noise.
+FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
 median time`` and ``%peak`` divides it by the matmul's rate. ``temp`` is the
 temporary memory of XLA's compiled memory analysis (parameters, inputs and
 outputs excluded); ``compile`` is trace + lower + compile of that program. The
