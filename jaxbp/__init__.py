@@ -6,7 +6,7 @@ Conventions: the batch is the leading axis; a dense layer computes
 
 from . import conventions, data, layers, losses, models, parallel, train
 from .bridge import with_manual_grad
-from .gradcheck import check_layer, gradcheck
+from .gradcheck import check_layer, finite_differences, gradcheck
 from .layers.conv import conv_output_size
 from .network import Sequential
 
@@ -16,6 +16,7 @@ __all__ = [
     "Sequential",
     "check_layer",
     "conv_output_size",
+    "finite_differences",
     "gradcheck",
     "with_manual_grad",
     "conventions",

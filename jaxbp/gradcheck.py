@@ -130,8 +130,18 @@ def finite_differences(J, theta, index, step: float) -> list[np.ndarray]:
     """Central differences of a scalar ``J(θ)`` at the flat coordinates ``index[leaf]``.
 
     ``(J(θ + h e_i) − J(θ − h e_i)) / ((θ_i + h) − (θ_i − h))``, the denominator being
-    the step floating point actually took. ``J`` should be jitted: its 2k calls then
-    share one compiled program (and ``net.loss`` is usually compiled already).
+    the step floating point actually took (``θ_i ± h`` rounded to the leaf's dtype).
+    Where that step is zero (``h`` below the dtype's resolution at ``θ_i``) the
+    entry is NaN. Returns one array per leaf, ``len(index[leaf])`` long. ``J``
+    should be jitted: its 2k calls then share one compiled program (and
+    ``net.loss`` is usually compiled already).
+
+    Example (``J = Σ θ²``, so ∂J/∂θ_i = 2θ_i):
+      >>> import numpy as np
+      >>> theta = {"w": np.array([1.0, -2.0, 3.0])}
+      >>> fd = finite_differences(lambda t: np.sum(t["w"] ** 2), theta, [[0, 2]], 1e-4)
+      >>> np.round(fd[0], 6).tolist()
+      [2.0, 6.0]
     """
     leaves, treedef = jax.tree.flatten(theta)
     host = [np.asarray(v) for v in leaves]
@@ -144,7 +154,8 @@ def finite_differences(J, theta, index, step: float) -> list[np.ndarray]:
             lo.flat[i] -= step
             J_hi = float(J(treedef.unflatten([*leaves[:n], hi, *leaves[n + 1 :]])))
             J_lo = float(J(treedef.unflatten([*leaves[:n], lo, *leaves[n + 1 :]])))
-            values[j] = (J_hi - J_lo) / float(hi.flat[i] - lo.flat[i])
+            taken = float(hi.flat[i] - lo.flat[i])
+            values[j] = (J_hi - J_lo) / taken if taken else np.nan
         out.append(values)
     return out
 

@@ -10,7 +10,7 @@ import pytest
 
 from jaxbp import Sequential, check_layer, cli, gradcheck, layers, losses, models
 from jaxbp import gradcheck_cli as gradcheck_cli
-from jaxbp.gradcheck import fd_coordinates
+from jaxbp.gradcheck import fd_coordinates, finite_differences
 from jaxbp.gradcheck_report import GradcheckError, GradReport
 from tests.mutations import DenseBiasNotSummed, _tanh3, _worked_example, replace_layer
 
@@ -118,6 +118,31 @@ def test_fd_coordinates_full_small_seeded_subset_large():
     np.testing.assert_array_equal(b, fd_coordinates([4, 100], 10, seed=3)[1])
     assert not np.array_equal(b, fd_coordinates([4, 100], 10, seed=4)[1])
     assert [c.size for c in fd_coordinates([4, 100], 0, seed=0)] == [0, 0]
+
+
+def test_finite_differences_per_leaf_coordinates():
+    theta = [np.array([[0.5, -1.0], [2.0, 0.25]]), np.array([]), np.array([3.0, -0.7])]
+
+    def J(t):
+        return np.sum(np.sin(t[0]) * t[0]) + np.sum(t[2] ** 3)
+
+    fd = finite_differences(J, theta, [[0, 3], [], [1]], 1e-5)
+    w = theta[0].flat
+    expected = [[np.cos(w[i]) * w[i] + np.sin(w[i]) for i in (0, 3)], [], [3 * 0.7**2]]
+    assert [len(v) for v in fd] == [2, 0, 1]
+    for got, want in zip(fd, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_finite_differences_divide_by_the_step_float32_took():
+    # float32 near 1 cannot hold 1 ± 1e-7: the step taken is 2.38e-7, not 2e-7, and the
+    # derivative of J = θ₀ + θ₁ (summed in float64) is exactly 1 only when divided by that step
+    theta = {"w": np.array([1.0, 2.0], np.float32)}
+    fd = finite_differences(lambda t: np.sum(t["w"], dtype=np.float64), theta, [[0]], 1e-7)
+    assert fd[0].tolist() == [1.0]
+    # a step below the resolution of float32 at θ leaves θ unchanged: NaN, not 0/0 or an error
+    fd = finite_differences(lambda t: np.sum(t["w"], dtype=np.float64), theta, [[0, 1]], 1e-9)
+    assert np.isnan(fd[0]).all()
 
 
 def test_large_leaf_checks_a_seeded_subset():
