@@ -54,9 +54,13 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
+import math
+import numbers
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -83,6 +87,7 @@ MODELS = {
     "deep-mlp": ModelSpec(lambda: models.mlp(hidden=(512,) * 16), (784,), 256),
 }
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------ XLA numbers
@@ -258,18 +263,70 @@ def _quartiles(samples: list[float]) -> list[float]:
     return [q1, q3]
 
 
+# --------------------------------------------------------------- validation
+
+
+def _check_int(arg: str, value, minimum: int = 1) -> None:
+    """A ``ValueError`` naming ``arg`` unless ``value`` is an int ≥ ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int ≥ {minimum}"
+        raise ValueError(f"bench: {arg} must be {expected}; got {value!r}")
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+    """``jnp.dtype(dtype)`` if one of ``DTYPES`` (64-bit ones need x64), else ``ValueError``."""
+    try:
+        name = jnp.dtype(dtype).name if dtype is not None else None
+    except (TypeError, ValueError):
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"bench: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if jnp.dtype(name).itemsize == 8 and not jax.config.jax_enable_x64:
+        raise ValueError(f"bench: dtype {name} needs jax_enable_x64; enable it first")
+    return jnp.dtype(name)
+
+
+def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps, optimizer,
+                   peak_size) -> None:
+    """A ``ValueError`` naming the first bad argument of ``bench_model`` (but ``dtype``)."""
+    if name not in MODELS:
+        raise ValueError(f"bench: unknown model {name!r}; choose from {sorted(MODELS)}")
+    for arg, value in (("batch", batch), ("peak_size", peak_size)):
+        if value is not None:  # None: the default
+            _check_int(arg, value)
+    _check_int("rounds", rounds)
+    _check_int("epoch_steps", epoch_steps)
+    if remat_every is not None:  # None or 0: no remat row
+        _check_int("remat_every", remat_every, minimum=0)
+    if (isinstance(round_seconds, bool) or not isinstance(round_seconds, (int, float))
+            or not 0 <= round_seconds < math.inf):
+        raise ValueError(f"bench: round_seconds must be a finite number ≥ 0; got {round_seconds!r}")
+    if optimizer not in train.OPTIMIZERS:
+        raise ValueError(f"bench: optimizer must be one of {', '.join(train.OPTIMIZERS)}; "
+                         f"got {optimizer!r}")
+
+
+# -------------------------------------------------------------------- bench
+
+
 def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seconds=0.02,
                 remat_every=4, epoch_steps=20, optimizer="sgd", peak_size=None,
                 torch_reference=True) -> dict:
     """Measure one model of ``MODELS``; see the module docstring for the rows.
 
+    ``batch`` and ``peak_size`` of ``None`` take the model's batch and the
+    device's default matmul size; ``remat_every`` of ``None`` or ``0`` drops the
+    remat row. Bad arguments raise ``ValueError`` before anything is compiled.
+
     Ratios (``ratio_to_autodiff``, ``fraction_of_peak``) are medians of the
     per-round ratios, each taken between variants timed in the same round, which
     cancels most of the drift of a shared machine.
     """
+    _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps, optimizer,
+                   peak_size)
+    dtype = _check_dtype(dtype)
     spec = MODELS[name]
-    batch = batch or spec.batch
-    dtype = jnp.dtype(dtype)
+    batch = spec.batch if batch is None else batch
     net = spec.build()
     k_init, k_data, k_epoch = jax.random.split(jax.random.key(0), 3)
     params = net.init(k_init, spec.input_shape, dtype)
@@ -291,7 +348,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
         programs["matmuls"] = (chain[0], (chain[1], x))
     programs["train"] = (step, (params, opt_state, (x, y)))
     programs["scan"] = (_fused_epoch(step), (params, opt_state, xs, ys))
-    n = peak_size or (1024 if jax.default_backend() == "cpu" else 8192)
+    n = peak_size if peak_size is not None else 1024 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(k_data, (n, n), dtype)
     peak = f"matmul {n}²"
     programs[peak] = (jnp.matmul, (a, a))
@@ -347,16 +404,19 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
 def run_bench(names=None, **options) -> dict:
     """Benchmark the models ``names`` (default all of ``MODELS``); the data ``jaxbp bench`` prints.
 
-    Keyword options are those of ``bench_model``. Returns ``{"device", "backend",
-    "dtype", "jax", "models": [bench_model(...) for each name]}``.
+    Keyword options are those of ``bench_model``; bad names or options raise
+    ``ValueError`` before the first model is timed. Returns ``{"device",
+    "backend", "dtype", "jax", "models": [bench_model(...) for each name]}``.
     """
-    names = list(names or MODELS)
+    names = list(MODELS) if names is None else [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"bench: names must list at least one model of {sorted(MODELS)}; got []")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise ValueError(f"bench: unknown models {unknown}; choose from {sorted(MODELS)}")
-    dtype = jnp.dtype(options.get("dtype", "float32"))
-    if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
-        raise ValueError(f"bench: dtype {dtype.name} needs jax_enable_x64; enable it first")
+    dtype = _check_dtype(options.get("dtype", "float32"))
+    # bench_model checks its options before it compiles anything, and they are the
+    # same for every model: bad ones fail in the first call, before any timing.
     device = jax.devices()[0]
     return {"device": f"{device.platform}: {device.device_kind}",
             "backend": jax.default_backend(), "dtype": dtype.name, "jax": jax.__version__,
@@ -398,33 +458,79 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _number(convert, minimum, expected: str):
+    """An argparse ``type``: ``convert(text)``, finite and ≥ ``minimum``, else argparse's
+    ``error:`` naming the flag (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _models(text: str) -> list[str]:
+    """An argparse ``type``: a comma-separated list of at least one of ``MODELS``."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(MODELS)}; got {text!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return names
+
+
+def _json_path(path: str) -> str:
+    """An argparse ``type``: a file path that can be written (checked before any timing)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"expected a file path; {path!r} is a directory")
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"directory {parent!r} of {path!r} does not exist")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path!r} is not writable")
+    return path
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--models", default=",".join(MODELS),
+    positive = _number(int, 1, "a positive int")
+    parser.add_argument("--models", type=_models, default=list(MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)} (default all)")
-    parser.add_argument("--batch", type=int, help="batch size for every model (default per model)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16")
-    parser.add_argument("--rounds", type=int, default=61, help="interleaved timing rounds")
-    parser.add_argument("--round-seconds", type=float, default=0.02,
-                        help="time each variant runs per round")
-    parser.add_argument("--remat-every", type=int, default=4,
-                        help="k of the remat row (0: no remat row)")
-    parser.add_argument("--epoch-steps", type=int, default=20, help="steps of the fused epoch")
+    parser.add_argument("--batch", type=positive,
+                        help="batch size for every model (default per model)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="%(choices)s; float64 turns on jax_enable_x64 (default %(default)s)")
+    parser.add_argument("--rounds", type=positive, default=61,
+                        help="interleaved timing rounds (default %(default)s)")
+    parser.add_argument("--round-seconds", type=_number(float, 0, "a finite number ≥ 0"),
+                        default=0.02,
+                        help="time each variant runs per round, at least one call; "
+                             "0: one call (default %(default)s)")
+    parser.add_argument("--remat-every", type=_number(int, 0, "an int ≥ 0"), default=4,
+                        help="k of the remat row, 0: no remat row (default %(default)s)")
+    parser.add_argument("--epoch-steps", type=positive, default=20,
+                        help="steps of the fused epoch (default %(default)s)")
     parser.add_argument("--optimizer", default="sgd", choices=train.OPTIMIZERS,
-                        help="optax optimizer of the training rows (default plain SGD)")
-    parser.add_argument("--peak-size", type=int,
+                        help="optax optimizer of the training rows (default %(default)s)")
+    parser.add_argument("--peak-size", type=positive,
                         help="n of the n×n matmul (default 1024 on CPU, 8192 elsewhere)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--json", metavar="PATH", type=_json_path,
+                        help="also write the figures as JSON (checked before timing)")
 
 
 def run(args) -> int:
     if jnp.dtype(args.dtype).itemsize == 8:
         jax.config.update("jax_enable_x64", True)
     result = run_bench(
-        [m.strip() for m in args.models.split(",") if m.strip()], batch=args.batch,
-        dtype=args.dtype, rounds=args.rounds, round_seconds=args.round_seconds,
-        remat_every=args.remat_every or None, epoch_steps=args.epoch_steps,
-        optimizer=args.optimizer,
+        args.models, batch=args.batch, dtype=args.dtype, rounds=args.rounds,
+        round_seconds=args.round_seconds, remat_every=args.remat_every or None,
+        epoch_steps=args.epoch_steps, optimizer=args.optimizer,
         peak_size=args.peak_size, torch_reference=not args.no_torch,
     )
     print(format_table(result))
@@ -432,5 +538,3 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
-
-

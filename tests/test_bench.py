@@ -7,6 +7,7 @@ of ``remat_every`` that do not depend on timing: gradients equal to autodiff's
 """
 
 import json
+import re
 import sys
 
 import jax
@@ -120,6 +121,82 @@ def test_matmuls_row_only_for_dense_nets():
 def test_unknown_model_is_rejected():
     with pytest.raises(ValueError, match=r"bench: unknown models \['mlp-huge'\]"):
         bench.run_bench(["mlp-huge"])
+    with pytest.raises(ValueError, match=r"bench: unknown model 'mlp-huge'; choose from"):
+        bench.bench_model("mlp-huge")
+    with pytest.raises(ValueError, match=r"bench: names must list at least one model .*; got \[\]"):
+        bench.run_bench([])
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fails the test if the bench gets as far as compiling a variant."""
+    monkeypatch.setattr(bench, "_compile", lambda *a, **k: pytest.fail("compiled"))
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (dict(rounds=0), "rounds must be a positive int; got 0"),
+    (dict(rounds=-1), "rounds must be a positive int; got -1"),
+    (dict(rounds=2.5), "rounds must be a positive int; got 2.5"),
+    (dict(batch=0), "batch must be a positive int; got 0"),
+    (dict(batch=-4), "batch must be a positive int; got -4"),
+    (dict(epoch_steps=0), "epoch_steps must be a positive int; got 0"),
+    (dict(remat_every=-2), "remat_every must be an int ≥ 0; got -2"),
+    (dict(remat_every=True), "remat_every must be an int ≥ 0; got True"),
+    (dict(peak_size=0), "peak_size must be a positive int; got 0"),
+    (dict(round_seconds=-0.1), "round_seconds must be a finite number ≥ 0; got -0.1"),
+    (dict(round_seconds=float("nan")), "round_seconds must be a finite number ≥ 0; got nan"),
+    (dict(dtype="foo"), "dtype must be one of float32, float64, bfloat16, float16; got 'foo'"),
+    (dict(dtype="int32"), "dtype must be one of float32, float64, bfloat16, float16; got 'int32'"),
+    (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, adam; got 'lbfgs'"),
+])
+@pytest.mark.parametrize("api", ["run_bench", "bench_model"])
+def test_bad_options_are_rejected_before_compiling(no_compiling, api, option, message):
+    call = bench.run_bench if api == "run_bench" else bench.bench_model
+    with pytest.raises(ValueError, match=re.escape(f"bench: {message}")):
+        call(["mlp-small"] if api == "run_bench" else "mlp-small", **option)
+
+
+def test_float64_needs_x64():
+    with jax.enable_x64(False), pytest.raises(ValueError, match="float64 needs jax_enable_x64"):
+        bench.run_bench(["mlp-small"], dtype="float64")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--models", "foo"], "argument --models: expected a comma-separated list of mlp-small, "
+                          "mlp-large, cnn, deep-mlp; got 'foo' (unknown: foo)"),
+    (["--models", ","], "argument --models: expected a comma-separated list of mlp-small, "
+                        "mlp-large, cnn, deep-mlp; got ','"),
+    (["--dtype", "int32"], "argument --dtype: invalid choice: 'int32'"),
+    (["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+    (["--rounds", "0"], "argument --rounds: expected a positive int; got '0'"),
+    (["--rounds", "x"], "argument --rounds: expected a positive int; got 'x'"),
+    (["--batch", "0"], "argument --batch: expected a positive int; got '0'"),
+    (["--batch", "-4"], "argument --batch: expected a positive int; got '-4'"),
+    (["--epoch-steps", "0"], "argument --epoch-steps: expected a positive int; got '0'"),
+    (["--remat-every", "-2"], "argument --remat-every: expected an int ≥ 0; got '-2'"),
+    (["--peak-size", "0"], "argument --peak-size: expected a positive int; got '0'"),
+    (["--round-seconds", "-1"], "argument --round-seconds: expected a finite number ≥ 0; got '-1'"),
+    (["--json", "{tmp}"], "argument --json: expected a file path; '{tmp}' is a directory"),
+    (["--json", "{tmp}/no/x.json"], "argument --json: directory '{tmp}/no' of '{tmp}/no/x.json' "
+                                    "does not exist"),
+])
+def test_cli_rejects_bad_arguments_with_exit_2(no_compiling, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"jaxbp bench: error: {message.format(tmp=tmp_path)}" in err
+    assert "Traceback" not in err
+
+
+def test_cli_help_states_the_defaults_and_dtypes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("timing rounds (default 61)", "(default 0.02)", "no remat row (default 4)",
+                 "fused epoch (default 20)", "float32, float64, bfloat16, float16"):
+        assert text in out
 
 
 def test_interleaved_times_gives_one_time_per_round():
