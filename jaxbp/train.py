@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from typing import Any, NamedTuple
 
@@ -219,18 +220,19 @@ def evaluate(net, params, x, y, mesh=None):
 # ---------------------------------------------------------------- epochs
 
 
-def _epoch_indices(key, n, steps, batch_size):
-    """Split ``key``; the new subkey shuffles ``n`` samples into ``steps`` batches."""
-    key, shuffle = jax.random.split(key)
+def _epoch_indices(key, n, steps, batch_size, impl):
+    """Split ``key`` (raw key data of ``impl``); the new subkey shuffles ``n`` samples
+    into ``steps`` batches. Returns the rest of the key as raw data again."""
+    key, shuffle = jax.random.split(jax.random.wrap_key_data(key, impl=impl))
     perm = jax.random.permutation(shuffle, n)[: steps * batch_size]
-    return key, perm.reshape(steps, batch_size)
+    return jax.random.key_data(key), perm.reshape(steps, batch_size)
 
 
-def _fused_epoch(step, steps, batch_size, batch_sharding):
+def _fused_epoch(step, steps, batch_size, impl, batch_sharding):
     """One epoch as a single jitted ``lax.scan`` over its steps; the data stays on device."""
 
     def epoch(params, opt_state, key, x, y):
-        key, idx = _epoch_indices(key, x.shape[0], steps, batch_size)
+        key, idx = _epoch_indices(key, x.shape[0], steps, batch_size, impl)
 
         def body(carry, i):
             batch = (x[i], y[i])
@@ -245,13 +247,16 @@ def _fused_epoch(step, steps, batch_size, batch_sharding):
     return jax.jit(epoch)
 
 
-def _looped_epoch(step, steps, batch_size, mesh):
+def _looped_epoch(step, steps, batch_size, impl, mesh):
     """One epoch as a Python loop over a jitted step; batches are gathered on the host."""
     jit_step = jax.jit(step)
-    indices = jax.jit(_epoch_indices, static_argnums=(1, 2, 3))
+    # A closure of its own: jitting the module-level function would share its cache
+    # (and the count in ``history["compiled"]``) with every earlier ``fit``.
+    indices = jax.jit(lambda key, n: _epoch_indices(key, n, steps, batch_size, impl),
+                      static_argnums=1)
 
     def epoch(params, opt_state, key, x, y):
-        key, idx = indices(key, x.shape[0], steps, batch_size)
+        key, idx = indices(key, x.shape[0])
         losses = []
         for i in np.asarray(idx):
             batch = parallel.shard_batch((x[i], y[i]), mesh)
@@ -269,6 +274,41 @@ def _fits_on_device(nbytes: int) -> bool:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     limit = (stats or {}).get("bytes_limit", 4 * 2**30)
     return nbytes <= limit // 4
+
+
+def _is_int(value) -> bool:
+    """An integer, numpy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, devices=None):
+    """Raise ``ValueError`` for arguments ``fit`` cannot train with; return the mesh.
+
+    Cheap (no FLOPs), so callers can check before any expensive work: ``epochs``
+    and ``batch_size`` are positive ints, ``batch_size`` fits the training split
+    and divides over the devices, and the labels of both splits suit the
+    network's output (e.g. integer labels lie in ``[0, classes)``).
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"fit: {name} must be a positive int; got {value!r}")
+    mesh = parallel.data_mesh(int(devices) if _is_int(devices) else devices)
+    n_devices = 1 if mesh is None else mesh.size
+    n = len(data.x_train)
+    if batch_size > n:
+        raise ValueError(f"fit: batch_size {batch_size} exceeds the {n} training samples")
+    if batch_size % n_devices:
+        raise ValueError(
+            f"fit: batch_size {batch_size} must be divisible by the number of devices "
+            f"({n_devices}) for data parallelism"
+        )
+    for split in ("train", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        try:
+            net._check_concrete_labels(state.params, x, y)
+        except ValueError as err:
+            raise ValueError(f"fit: {split} split: {err}") from None
+    return mesh
 
 
 def fit(
@@ -301,9 +341,10 @@ def fit(
       state: a ``TrainState`` (``init_state`` or a restored checkpoint).
       data: a ``jaxbp.data.Dataset`` (or anything with ``x_train``, ``y_train``,
         ``x_test``, ``y_test``).
-      epochs: the epoch to stop after (counting from 0, so a restored state
-        continues where it stopped).
-      batch_size: samples per step; divisible by the number of devices.
+      epochs: the epoch to stop after, a positive int (counting from 0, so a
+        restored state continues where it stopped; at most ``state.epoch``: nothing
+        to do, and the history is empty).
+      batch_size: samples per step, a positive int; divisible by the number of devices.
       grad: ``"manual"`` or ``"autodiff"``.
       devices: devices for data parallelism (``jaxbp.parallel``); ``None`` uses
         every visible device, 1 a single device.
@@ -318,25 +359,21 @@ def fit(
       over the epoch's steps), ``train_accuracy``, ``test_loss`` (data loss ``L``),
       ``test_accuracy`` and ``time`` (seconds since ``fit`` started, compilation
       included) to per-epoch lists, plus ``steps`` (steps taken), ``device`` and
-      ``compiled`` (programs the epoch loop compiled: 1 fused, 2 looped — never
-      more, however many epochs ran).
+      ``compiled`` (the entries this call's epoch functions added to jit's cache,
+      i.e. the programs they compiled: 1 fused, 2 looped — never more, however
+      many epochs ran; 0 when no epoch ran).
 
     Raises:
+      ValueError: an argument ``check_fit_arguments`` rejects, before any training.
       NonFiniteLossError: the loss became NaN or Inf; names the epoch and the
         step; ``on_epoch`` is not called for that epoch.
     """
-    mesh = parallel.data_mesh(devices)
+    mesh = check_fit_arguments(
+        net, state, data, epochs=epochs, batch_size=batch_size, devices=devices
+    )
+    epochs, batch_size = int(epochs), int(batch_size)
     n_devices = 1 if mesh is None else mesh.size
     n = len(data.x_train)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"fit: batch_size must be a positive int; got {batch_size!r}")
-    if batch_size > n:
-        raise ValueError(f"fit: batch_size {batch_size} exceeds the {n} training samples")
-    if batch_size % n_devices:
-        raise ValueError(
-            f"fit: batch_size {batch_size} must be divisible by the number of devices "
-            f"({n_devices}) for data parallelism"
-        )
     steps = n // batch_size
     first = parallel.devices(mesh)[0]
     if fused is None:
@@ -349,13 +386,22 @@ def fit(
     m = min(n, TRAIN_EVAL_SAMPLES)
     x_seen, y_seen = put(data.x_train[:m]), put(data.y_train[:m])
     x_test, y_test = put(data.x_test), put(data.y_test)
-    params, opt_state, key = put(state.params), put(state.opt_state), put(state.key)
+    params, opt_state = put(state.params), put(state.opt_state)
+    # The epochs carry the key's raw data: on a mesh, a typed key returned by a jitted
+    # function alternates between two equal physical shardings (P() and P(None)), so
+    # every other epoch missed jit's dispatch cache and added an entry (jax 0.10).
+    impl = jax.random.key_impl(state.key)
+    typed = jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+    key = put(jax.random.key_data(state.key))
+
+    def as_key(raw):  # the key as the caller passed it: typed or raw
+        return jax.random.wrap_key_data(raw, impl=impl) if typed else raw
 
     step = _step_fn(net, opt, grad)
     if fused:
-        run_epoch = _fused_epoch(step, steps, batch_size, parallel.batch_sharding(mesh))
+        run_epoch = _fused_epoch(step, steps, batch_size, impl, parallel.batch_sharding(mesh))
     else:
-        run_epoch = _looped_epoch(step, steps, batch_size, mesh)
+        run_epoch = _looped_epoch(step, steps, batch_size, impl, mesh)
 
     history = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
                                "test_accuracy", "time")}
@@ -377,7 +423,7 @@ def fit(
             bad = ~np.isfinite(losses)
             if bad.any():
                 i = int(np.argmax(bad))
-                good = TrainState(params, opt_state, key, epoch, global_step)
+                good = TrainState(params, opt_state, as_key(key), epoch, global_step)
                 raise NonFiniteLossError(
                     epoch + 1, i + 1, steps, global_step + i + 1, losses[i], good
                 )
@@ -396,7 +442,7 @@ def fit(
             for k, v in record.items():
                 history[k].append(v)
             history["steps"] += steps
-            state = TrainState(params, opt_state, key, epoch, global_step)
+            state = TrainState(params, opt_state, as_key(key), epoch, global_step)
             if on_epoch is not None:
                 on_epoch(state, record)
             if bar is not None:

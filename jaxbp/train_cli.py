@@ -11,6 +11,7 @@ to ``--epochs``, and gives exactly the parameters an uninterrupted run would.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -27,52 +28,123 @@ DEFAULTS = {
 STRUCTURAL = ("dataset", "model", "hidden", "filters", "optimizer")
 
 
+def _per_model(name: str) -> str:
+    return "default per model: " + ", ".join(f"{m} {d[name]:g}" for m, d in DEFAULTS.items())
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default="digits", choices=data.DATASETS)
+    parser.add_argument("--dataset", default="digits", choices=data.DATASETS,
+                        help="dataset to train on (default digits)")
     parser.add_argument("--data-dir", help="directory with the IDX files (mnist, fashion-mnist)")
-    parser.add_argument("--model", default="mlp", choices=sorted(DEFAULTS))
+    parser.add_argument("--model", default="mlp", choices=sorted(DEFAULTS),
+                        help="network (default mlp)")
     parser.add_argument("--hidden", default="256",
-                        help="MLP hidden widths, comma-separated (default 256)")
+                        help="MLP hidden widths, comma-separated positive ints (default 256)")
     parser.add_argument("--filters", default="32,32",
-                        help="CNN filters of its two conv layers, comma-separated (default 32,32)")
+                        help="CNN filters of its two conv layers: two comma-separated positive "
+                        "ints (default 32,32)")
     parser.add_argument("--grad", default="manual", choices=("manual", "autodiff"),
                         help="hand-written backward (default) or jax.value_and_grad")
-    parser.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam"))
-    parser.add_argument("--lr", type=float, help="learning rate (default per model)")
-    parser.add_argument("--epochs", type=int, help="total epochs (default per model)")
-    parser.add_argument("--batch-size", type=int, help="samples per step (default per model)")
+    parser.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam"),
+                        help="optax optimizer (default adam)")
+    parser.add_argument("--lr", type=float, help=f"learning rate > 0 ({_per_model('lr')})")
+    parser.add_argument("--epochs", type=int,
+                        help=f"total epochs, counting those of a resumed checkpoint "
+                        f"({_per_model('epochs')})")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"samples per step ({_per_model('batch_size')})")
     parser.add_argument("--weight-decay", type=float,
-                        help="λ of J = L + λ/2 Σ‖W‖² (default per model)")
+                        help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² ({_per_model('weight_decay')})")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation and shuffling")
-    parser.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch")
+    parser.add_argument("--checkpoint-dir",
+                        help="save a checkpoint here after every epoch (created if missing); "
+                        "one already there is an error unless --resume continues it")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --checkpoint-dir")
-    parser.add_argument("--plot", metavar="PATH", help="save loss and accuracy curves (PNG)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="save loss and accuracy curves at PATH, in the format of its "
+                        "extension (png, pdf, svg, ...); PATH.png when it has none")
     parser.add_argument("--devices", type=int,
                         help="devices for data parallelism (default: all visible)")
     parser.add_argument("--skip-gradcheck", action="store_true",
                         help="train without checking the gradients first")
 
 
-def _widths(text: str) -> list[int]:
-    return [int(w) for w in text.split(",")]
+def _widths(option: str, text: str, what: str, count: int | None = None) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1 or count not in (None, len(widths)):
+        raise ValueError(f"train: {option} must be {what}; got {text!r}")
+    return widths
 
 
 def _config(args) -> dict:
+    """The run's settings from ``args``; ``ValueError`` names the bad option."""
     defaults = DEFAULTS[args.model]
     config = {
         "dataset": args.dataset,
         "model": args.model,
-        "hidden": _widths(args.hidden) if args.model == "mlp" else None,
-        "filters": _widths(args.filters) if args.model == "cnn" else None,
+        "hidden": None,
+        "filters": None,
         "grad": args.grad,
         "optimizer": args.optimizer,
         "seed": args.seed,
     }
+    if args.model == "mlp":
+        config["hidden"] = _widths("--hidden", args.hidden, "comma-separated positive ints")
+    else:
+        config["filters"] = _widths(
+            "--filters", args.filters, "two comma-separated positive ints (one per conv layer)", 2
+        )
     for name in ("lr", "epochs", "batch_size", "weight_decay"):
         value = getattr(args, name)
         config[name] = defaults[name] if value is None else value
+    for name in ("epochs", "batch_size"):
+        if config[name] < 1:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"train: {option} must be a positive int; got {config[name]}")
+    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
+        raise ValueError(f"train: --lr must be a finite number > 0; got {config['lr']}")
+    if not (math.isfinite(config["weight_decay"]) and config["weight_decay"] >= 0):
+        raise ValueError(
+            f"train: --weight-decay must be a finite number >= 0; got {config['weight_decay']}"
+        )
     return config
+
+
+def _check_paths(args, ckpt: str | None) -> None:
+    """Fail before any work on outputs that could not be written (``ValueError``)."""
+    directory = args.checkpoint_dir
+    if ckpt and not args.resume:
+        if os.path.exists(ckpt):
+            raise ValueError(
+                f"train: --checkpoint-dir {directory} already holds a checkpoint; "
+                f"pass --resume to continue it or choose another directory"
+            )
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"train: --checkpoint-dir must be a directory; {directory} is a file")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"train: --checkpoint-dir cannot be created: {err}") from None
+    if ckpt and os.path.isdir(directory) and not os.access(directory, os.W_OK):
+        raise ValueError(f"train: --checkpoint-dir {directory} is not writable")
+    if args.plot:
+        parent = os.path.dirname(args.plot) or "."
+        if os.path.isdir(args.plot):
+            raise ValueError(f"train: --plot must be a file path; got the directory {args.plot}")
+        extension = os.path.splitext(args.plot)[1][1:].lower()
+        if extension and extension not in _plot_formats():
+            raise ValueError(
+                f"train: --plot {args.plot}: cannot write .{extension} files; use one of "
+                f"{', '.join(sorted(_plot_formats()))}"
+            )
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(
+                f"train: --plot {args.plot}: directory {parent} does not exist or is not writable"
+            )
 
 
 def build_model(config: dict, ds):
@@ -117,8 +189,18 @@ def _gradcheck(net, params, x, y) -> bool:
     return report.ok
 
 
-def plot_history(history: dict, path: str) -> None:
-    """Loss and accuracy per epoch, train and test, as a PNG."""
+def _plot_formats() -> set[str]:
+    """File extensions matplotlib can save a figure as."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def plot_history(history: dict, path: str) -> str:
+    """Loss and accuracy per epoch, train and test; returns the file written.
+
+    The format follows ``path``'s extension; without one, ``path + ".png"``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,8 +218,11 @@ def plot_history(history: dict, path: str) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    if not os.path.splitext(path)[1]:
+        path += ".png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
 
 def run(args) -> int:
@@ -146,9 +231,15 @@ def run(args) -> int:
 
     from . import checkpoint, train
 
-    config = _config(args)
     if args.resume and not args.checkpoint_dir:
         print("error: --resume needs --checkpoint-dir", file=sys.stderr)
+        return 2
+    ckpt = os.path.join(args.checkpoint_dir, checkpoint.FILENAME) if args.checkpoint_dir else None
+    try:
+        config = _config(args)
+        _check_paths(args, ckpt)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     layout = "image" if config["model"] == "cnn" else "flat"
     try:
@@ -160,7 +251,6 @@ def run(args) -> int:
     opt = train.optimizer(config["optimizer"], config["lr"])
     state = train.init_state(net, opt, jax.random.key(config["seed"]), ds.input_shape, "float32")
 
-    ckpt = os.path.join(args.checkpoint_dir, checkpoint.FILENAME) if args.checkpoint_dir else None
     history = {}
     if args.resume:
         try:
@@ -177,8 +267,14 @@ def run(args) -> int:
         f"{ds.input_shape}, {ds.classes} classes; {config['model']} with "
         f"{sum(p.size for p in jax.tree.leaves(state.params))} parameters"
     )
+    try:
+        train.check_fit_arguments(net, state, ds, epochs=config["epochs"],
+                                  batch_size=config["batch_size"], devices=args.devices)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not args.skip_gradcheck:
-        n = min(config["batch_size"], len(ds.x_train))
+        n = config["batch_size"]
         if not _gradcheck(net, state.params, ds.x_train[:n], ds.y_train[:n]):
             print("error: manual gradients disagree with autodiff; not training", file=sys.stderr)
             return 1
@@ -218,6 +314,5 @@ def run(args) -> int:
         f"wall {time.perf_counter() - start:.1f} s"
     )
     if args.plot:
-        plot_history(history, args.plot)
-        print(f"saved curves to {args.plot}")
+        print(f"saved curves to {plot_history(history, args.plot)}")
     return 0

@@ -1,6 +1,11 @@
 """Training: the jitted step, fused epochs, manual = autodiff, weight decay, divergence, CLI."""
 
 import doctest
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +85,41 @@ def test_python_loop_matches_fused_epochs_and_compiles_once(spirals, manual_run)
     state, history = _fit(spirals, fused=False)
     assert max_tree_rel_error(state.params, manual_run[0].params) <= 1e-9
     assert history["compiled"] == 2  # the step and the shuffle, each compiled once
+
+
+def test_looped_fits_do_not_share_compile_counts(spirals):
+    net = models.mlp(hidden=(4,), classes=3)
+    opt = optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape)
+    for batch_size in (48, 96):  # a new shuffle program each; counted only by its own fit
+        _, history = train.fit(net, opt, state, spirals, epochs=1, batch_size=batch_size,
+                               fused=False)
+        assert history["compiled"] == 2
+
+
+_FOUR_DEVICES = textwrap.dedent("""
+    import json, jax, optax
+    from jaxbp import data, models, train
+    ds = data.load("spirals")
+    net = models.mlp(hidden=(4,), classes=3)
+    opt = optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), ds.input_shape)
+    runs = [train.fit(net, opt, state, ds, epochs=3, batch_size=48, devices=4, fused=fused)
+            for fused in (True, False, False)]
+    print("RESULT " + json.dumps([h["compiled"] for _, h in runs]))
+""")
+
+
+def test_epochs_on_four_devices_compile_once():
+    # Typed PRNG keys returned by jit on a mesh used to alternate physical shardings,
+    # adding a second dispatch-cache entry from the third epoch on.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _FOUR_DEVICES], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))
+    assert json.loads(line[len("RESULT "):]) == [1, 2, 2]
 
 
 def test_train_step_is_jitted_and_never_recompiles():
@@ -194,18 +234,56 @@ def test_bad_arguments_raise(spirals):
         train.optimizer("rmsprop", 0.1)
 
 
+@pytest.mark.parametrize("name, value, shown", [
+    ("epochs", -2, "-2"), ("epochs", 0, "0"), ("epochs", 2.5, "2.5"), ("epochs", None, "None"),
+    ("epochs", True, "True"), ("batch_size", True, "True"), ("batch_size", 0, "0"),
+    ("batch_size", 16.0, "16.0"),
+])
+def test_fit_rejects_non_positive_int_epochs_and_batch_size(spirals, name, value, shown):
+    net = models.mlp(hidden=(4,), classes=3)
+    opt = optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape)
+    kwargs = {"epochs": 1, "batch_size": 48, name: value}
+    with pytest.raises(ValueError, match=rf"fit: {name} must be a positive int; got {shown}$"):
+        train.fit(net, opt, state, spirals, **kwargs)
+
+
+def test_fit_accepts_numpy_integers(spirals):
+    net = models.mlp(hidden=(4,), classes=3)
+    opt = optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape)
+    state, history = train.fit(net, opt, state, spirals, epochs=np.int64(1),
+                               batch_size=np.int32(96), devices=np.int64(1))
+    assert state.epoch == 1 and state.step == 5 and history["epoch"] == [1]
+
+
+def test_fit_checks_labels_against_the_network_before_training():
+    iris = data.load("iris")  # labels 0..2
+    net = models.mlp(hidden=(4,), classes=2)
+    opt = optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), iris.input_shape)
+    seen = []
+    message = (r"fit: train split: loss SoftmaxCrossEntropy: integer labels must lie in "
+               r"\[0, 2\) for 2 classes; got values in \[0, 2\]")
+    with pytest.raises(ValueError, match=message):
+        train.fit(net, opt, state, iris, epochs=1, batch_size=16,
+                  on_epoch=lambda s, r: seen.append(r))
+    assert seen == []
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def test_cli_checks_gradients_trains_and_plots(tmp_path, capsys):
-    png = tmp_path / "curves.png"
+    png = tmp_path / "curves"  # no extension: a PNG at curves.png
     rc = cli.main(["train", "--dataset", "xor", "--epochs", "3", "--batch-size", "16",
                    "--lr", "0.01", "--plot", str(png)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "gradcheck (float64, one batch of 16): OK" in out
     assert "test accuracy" in out and "steps/s" in out and "device 1 × cpu" in out
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"saved curves to {png}.png\n" in out
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_reports_bad_setups(tmp_path, capsys):

@@ -1,0 +1,87 @@
+"""``jaxbp train`` rejects bad options with ``error: …`` and exit status 2, before any training."""
+
+import pytest
+
+from jaxbp import checkpoint, cli
+
+BAD_OPTIONS = [
+    (["--hidden", "abc"], "train: --hidden must be comma-separated positive ints; got 'abc'"),
+    (["--hidden", ""], "train: --hidden must be comma-separated positive ints; got ''"),
+    (["--hidden", "16,0"], "train: --hidden must be comma-separated positive ints; got '16,0'"),
+    (["--hidden", "-4"], "train: --hidden must be comma-separated positive ints; got '-4'"),
+    (["--model", "cnn", "--filters", "4"],
+     "train: --filters must be two comma-separated positive ints (one per conv layer); got '4'"),
+    (["--weight-decay", "-1"], "train: --weight-decay must be a finite number >= 0; got -1.0"),
+    (["--epochs", "-3"], "train: --epochs must be a positive int; got -3"),
+    (["--epochs", "0"], "train: --epochs must be a positive int; got 0"),
+    (["--lr", "-1"], "train: --lr must be a finite number > 0; got -1.0"),
+    (["--lr", "0"], "train: --lr must be a finite number > 0; got 0.0"),
+    (["--lr", "nan"], "train: --lr must be a finite number > 0; got nan"),
+    (["--batch-size", "0"], "train: --batch-size must be a positive int; got 0"),
+    (["--batch-size", "-5"], "train: --batch-size must be a positive int; got -5"),
+    (["--batch-size", "1000"], "fit: batch_size 1000 exceeds the 120 training samples"),
+    (["--devices", "0"], "parallel: devices must be an int in [1, 1]"),
+]
+
+
+def _train(capsys, *options):
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "1", *options])
+    out, err = capsys.readouterr()
+    assert "gradcheck" not in out and "test accuracy" not in out  # failed before any work
+    return rc, err
+
+
+@pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_option_is_an_error_before_training(capsys, options, message):
+    rc, err = _train(capsys, *options)
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_checkpoint_dir_must_be_a_creatable_directory(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    rc, err = _train(capsys, "--checkpoint-dir", str(afile))
+    assert rc == 2 and f"train: --checkpoint-dir must be a directory; {afile} is a file" in err
+    rc, err = _train(capsys, "--checkpoint-dir", str(afile / "sub"))
+    assert rc == 2 and "train: --checkpoint-dir cannot be created: " in err
+
+
+def test_existing_checkpoint_needs_resume(tmp_path, capsys):
+    (tmp_path / checkpoint.FILENAME).write_bytes(b"not overwritten")
+    rc, err = _train(capsys, "--checkpoint-dir", str(tmp_path))
+    assert rc == 2
+    assert (f"train: --checkpoint-dir {tmp_path} already holds a checkpoint; pass --resume "
+            "to continue it or choose another directory") in err
+    assert (tmp_path / checkpoint.FILENAME).read_bytes() == b"not overwritten"
+
+
+def test_plot_path_is_checked_before_training(tmp_path, capsys):
+    rc, err = _train(capsys, "--plot", str(tmp_path))
+    assert rc == 2 and f"train: --plot must be a file path; got the directory {tmp_path}" in err
+    missing = tmp_path / "missing" / "x.png"
+    rc, err = _train(capsys, "--plot", str(missing))
+    assert rc == 2
+    assert f"directory {missing.parent} does not exist or is not writable" in err
+    rc, err = _train(capsys, "--plot", str(tmp_path / "curves.xyz"))
+    assert rc == 2 and "cannot write .xyz files; use one of " in err and "png" in err
+
+
+def test_plot_format_follows_the_extension(tmp_path):
+    from jaxbp.train_cli import plot_history
+
+    history = {"epoch": [1, 2], "train_loss": [1.0, 0.5], "test_loss": [1.1, 0.6],
+               "train_accuracy": [0.5, 0.7], "test_accuracy": [0.4, 0.6]}
+    assert plot_history(history, str(tmp_path / "c.svg")) == str(tmp_path / "c.svg")
+    assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:500]
+    assert plot_history(history, str(tmp_path / "c")) == str(tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_states_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("(default digits)", "(default mlp)", "(default adam)",
+                     "default per model: mlp 0.001, cnn 0.001",
+                     "default per model: mlp 30, cnn 25"):
+        assert expected in text
