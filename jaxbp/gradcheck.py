@@ -73,11 +73,31 @@ FLOAT32_WARNING = (
 )
 
 
-def _dtype_name(dtype) -> str:
-    name = np.dtype(dtype).name
+def _dtype_name(fn: str, dtype) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:  # not a dtype at all ("bogus")
+        name = None
     if name not in TOLERANCES:
-        raise ValueError(f"gradcheck: dtype must be float64 or float32; got {dtype!r}")
+        raise ValueError(f"{fn}: dtype must be float64 or float32; got {dtype!r}")
     return name
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_int(fn: str, arg: str, value, minimum: int) -> None:
+    if not _is_int(value, minimum):
+        raise ValueError(f"{fn}: {arg} must be an int >= {minimum}; got {value!r}")
+
+
+def _check_batch(fn: str, x) -> None:
+    if np.ndim(x) == 0 or np.shape(x)[0] < 1:
+        raise ValueError(
+            f"{fn}: x must have a leading batch axis with at least 1 sample; got shape "
+            f"{np.shape(x)}"
+        )
 
 
 @contextlib.contextmanager
@@ -385,11 +405,16 @@ def gradcheck(
       >>> report.ok, report.row("layers[2].W").rel_err < 1e-12
       (True, True)
     """
-    dtype = _dtype_name(dtype)
+    dtype = _dtype_name("gradcheck", dtype)
+    _check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
+    _check_batch("gradcheck", x)
     tol = TOLERANCES[dtype]
     notes = _notes(tol, dtype, fd_max_coords, seed)
     with _precision(dtype) as precision:
         params, x, y = _cast((list(params), x, y), dtype)
+        check_labels = getattr(net, "validate_labels", None)
+        if check_labels is not None:  # out-of-range labels: the loss's ValueError, not a FAIL
+            check_labels(params, x, y)
         J, manual, m_sig, auto, a_sig = jax.device_get(_network_compute(net, params, x, y))
         J = float(J)
         index = _fd_index(params, fd_max_coords, seed)
@@ -487,7 +512,16 @@ def check_layer(
       >>> check_layer(layers.Dense(3), (4,)).ok
       True
     """
-    dtype = _dtype_name(dtype)
+    dtype = _dtype_name("check_layer", dtype)
+    _check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
+    _check_int("check_layer", "batch", batch, 1)
+    if not isinstance(input_shape, (tuple, list)) or not all(_is_int(s, 1) for s in input_shape):
+        raise ValueError(
+            "check_layer: input_shape must be a tuple of positive ints (batch axis excluded); "
+            f"got {input_shape!r}"
+        )
+    if x is not None:
+        _check_batch("check_layer", x)
     tol = TOLERANCES[dtype]
     notes = _notes(tol, dtype, fd_max_coords, seed)
     with _precision(dtype) as precision:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,38 @@ def test_bad_dtype():
         ValueError, match="gradcheck: dtype must be float64 or float32; got 'int32'"
     ):
         gradcheck(*_worked_example(), dtype="int32")
+    with pytest.raises(ValueError, match="gradcheck: dtype must be float64 or float32; got 'bo"):
+        gradcheck(*_worked_example(), dtype="bogus")
+    with pytest.raises(ValueError, match="check_layer: dtype must be float64 or float32; got 'x'"):
+        check_layer(layers.Dense(3), (4,), dtype="x")
+
+
+def test_bad_arguments():
+    net, params, x, y = _worked_example()
+    with pytest.raises(ValueError, match="gradcheck: fd_max_coords must be an int >= 0; got -1"):
+        gradcheck(net, params, x, y, fd_max_coords=-1)
+    with pytest.raises(ValueError, match=r"gradcheck: x must have a leading batch axis with at "
+                       r"least 1 sample; got shape \(0, 2\)"):
+        gradcheck(net, params, x[:0], y[:0])
+    with pytest.raises(ValueError, match="check_layer: batch must be an int >= 1; got 0"):
+        check_layer(layers.Dense(3), (4,), batch=0)
+    with pytest.raises(ValueError, match=r"check_layer: x must have a leading batch axis .*"
+                       r"got shape \(0, 4\)"):
+        check_layer(layers.Dense(3), (4,), x=jnp.ones((0, 4)))
+    with pytest.raises(ValueError, match=r"check_layer: input_shape must be a tuple of positive "
+                       r"ints \(batch axis excluded\); got \(-4,\)"):
+        check_layer(layers.Dense(3), (-4,))
+    with pytest.raises(ValueError, match=r"check_layer: fd_max_coords must be an int >= 0; "
+                       r"got 1.5"):
+        check_layer(layers.Dense(3), (4,), fd_max_coords=1.5)
+
+
+def test_out_of_range_labels_raise_instead_of_failing():
+    net = models.mlp(hidden=(3,), classes=3)
+    params = net.init(jax.random.key(0), (2,))
+    with pytest.raises(ValueError, match=r"loss SoftmaxCrossEntropy: integer labels must lie in "
+                       r"\[0, 3\) for 3 classes; got values in \[0, 5\]"):
+        gradcheck(net, params, jnp.ones((2, 2)), jnp.array([0, 5]))
 
 
 def test_fd_coordinates_full_small_seeded_subset_large():
@@ -266,8 +299,19 @@ def test_cli_exit_1_on_failure(capsys, monkeypatch):
     assert "FAIL: first divergence from the output: layers[4]" in capsys.readouterr().out
 
 
-def test_cli_cnn_float32(capsys):
-    with pytest.warns(UserWarning, match="unreliable"):
+def test_cli_cnn_float32_notes_without_a_raw_warning(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caveat is a note of the report, not a warning
         assert cli.main(["gradcheck", "--model", "cnn", "--dtype", "float32", "--batch", "2"]) == 0
-    assert "Conv2D" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "Conv2D" in out and "unreliable" in out and err == ""
     assert jax.config.jax_enable_x64 is True
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch", "0"], "error: --batch must be >= 1; got 0"),
+    (["--fd-coords", "-1"], "error: --fd-coords must be >= 0; got -1"),
+])  # fmt: skip
+def test_cli_bad_arguments_exit_2(capsys, argv, message):
+    assert cli.main(["gradcheck", *argv]) == 2
+    assert capsys.readouterr().err.strip() == message
