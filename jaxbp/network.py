@@ -25,7 +25,7 @@ def _checks_labels(jitted):
 
     @functools.wraps(jitted)
     def method(self, params, x, y, **kwargs):
-        self._check_concrete_labels(params, x, y)
+        self.validate_labels(params, x, y)
         return jitted(self, params, x, y, **kwargs)
 
     method.jitted = jitted
@@ -110,7 +110,13 @@ class Sequential:
         out = jax.eval_shape(self.forward, params, jax.ShapeDtypeStruct((1, *input_shape), float))
         return tuple(out.shape[1:])
 
-    def _check_concrete_labels(self, params, x, y) -> None:
+    def validate_labels(self, params, x, y) -> None:
+        """``ValueError`` if integer labels ``y`` do not suit the output for ``x``.
+
+        Labels must lie in ``[0, classes)`` of a (batch, classes) output. Checks
+        concrete arrays only (inside ``jit`` the values are unknown) and costs no
+        FLOPs; ``fit`` and ``gradcheck`` call it before they start.
+        """
         if not self.loss_fn.takes_labels or isinstance(y, jax.core.Tracer):
             return
         if not jnp.issubdtype(jnp.result_type(y), jnp.integer):

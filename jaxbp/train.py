@@ -305,7 +305,7 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
     for split in ("train", "test"):
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
         try:
-            net._check_concrete_labels(state.params, x, y)
+            net.validate_labels(state.params, x, y)
         except ValueError as err:
             raise ValueError(f"fit: {split} split: {err}") from None
     return mesh
