@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from typing import NamedTuple
 
@@ -93,6 +94,14 @@ def _split(name, x, y, test_fraction, seed, image=False) -> Dataset:
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"load({name!r}): test_fraction must lie in (0, 1); got {test_fraction}")
+    n, classes = len(y), len(np.unique(y))
+    n_test = math.ceil(test_fraction * n)  # as train_test_split rounds
+    if not classes <= n_test <= n - classes:
+        raise ValueError(
+            f"load({name!r}): test_fraction must lie in [{classes / n:.3g}, {1 - classes / n:.3g}] "
+            f"so that a stratified split of {n} samples has at least one per class ({classes}) "
+            f"in each split; got {test_fraction} ({n_test} test samples)"
+        )
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
@@ -199,8 +208,11 @@ def load_idx_dir(data_dir, name="mnist", layout="flat") -> Dataset:
         raise ValueError(f"load({name!r}): data_dir is required (a directory with the IDX files)")
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise ValueError(f"load({name!r}): data_dir {data_dir} is a file, not a directory")
         raise FileNotFoundError(f"load({name!r}): data directory {data_dir} does not exist")
-    arrays = {k: read_idx(_find_idx(data_dir, stem)) for k, stem in _MNIST_FILES.items()}
+    paths = {k: _find_idx(data_dir, stem) for k, stem in _MNIST_FILES.items()}
+    arrays = {k: read_idx(path) for k, path in paths.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -208,6 +220,18 @@ def load_idx_dir(data_dir, name="mnist", layout="flat") -> Dataset:
                 f"{data_dir}: {split} images must be (n, H, W) and labels (n,) with the same n; "
                 f"got {images.shape} and {labels.shape}"
             )
+        bad = labels[(labels < 0) | (labels % 1 != 0)]
+        if bad.size:
+            raise ValueError(
+                f"{paths[f'{split}_labels']}: class labels must be non-negative integers; got "
+                f"{bad.size} invalid label(s), e.g. {bad[0]}"
+            )
+    train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train_hw != test_hw:
+        raise ValueError(
+            f"{data_dir}: train and test images must have the same size (H, W); got {train_hw} "
+            f"for train and {test_hw} for test"
+        )
     x_train, x_test = (arrays[f"{s}_images"].astype(np.float64) / 255.0 for s in ("train", "test"))
     if layout == "image":
         x_train, x_test = x_train[..., None], x_test[..., None]
@@ -234,6 +258,8 @@ def load(name, *, layout="flat", test_fraction=0.2, seed=0, data_dir=None) -> Da
       seed: seeds the split and the synthetic generators.
       data_dir: directory holding the IDX files (mnist, fashion-mnist).
     """
+    if name not in DATASETS:
+        raise ValueError(f"load: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if layout not in ("flat", "image"):
         raise ValueError(f"load({name!r}): layout must be 'flat' or 'image'; got {layout!r}")
     if layout == "image" and name not in ("digits", "mnist", "fashion-mnist"):
@@ -256,6 +282,4 @@ def load(name, *, layout="flat", test_fraction=0.2, seed=0, data_dir=None) -> Da
         return _split(name, bunch.data, bunch.target, test_fraction, seed)
     if name == "spirals":
         return _split(name, *spirals(seed=seed), test_fraction, seed)
-    if name == "xor":
-        return _split(name, *xor(seed=seed), test_fraction, seed)
-    raise ValueError(f"load: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return _split(name, *xor(seed=seed), test_fraction, seed)  # name == "xor"

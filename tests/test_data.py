@@ -75,6 +75,15 @@ def test_bad_requests():
         data.load("iris", test_fraction=1.5)
     with pytest.raises(ValueError, match="data_dir is required"):
         data.load("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'foo'; expected one of digits"):
+        data.load("foo", layout="image")
+    with pytest.raises(ValueError, match=r"load\('iris'\): test_fraction must lie in "
+                       r"\[0.02, 0.98\] so that a stratified split of 150 samples has at least "
+                       r"one per class \(3\) in each split; got 0.01 \(2 test samples\)"):
+        data.load("iris", test_fraction=0.01)
+    with pytest.raises(ValueError, match=r"test_fraction must lie in \[0.02, 0.98\] .*got 0.99"):
+        data.load("iris", test_fraction=0.99)
+    assert len(data.load("iris", test_fraction=0.02).x_test) == 3  # the minimum works
 
 
 # -------------------------------------------------------------------------- IDX
@@ -88,12 +97,14 @@ def _idx_bytes(a: np.ndarray) -> bytes:
     return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
 
 
-def _write_mnist(directory, n_train=12, n_test=6, compress=True, size=5):
+def _write_mnist(directory, n_train=12, n_test=6, compress=True, size=5, test_size=None):
     rng = np.random.default_rng(0)
+    test_size = size if test_size is None else test_size
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
         "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, test_size, test_size),
+                                               dtype=np.uint8),
         "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
     }
     for stem, a in arrays.items():
@@ -158,3 +169,22 @@ def test_mnist_missing_and_corrupt_files(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(full)[:-6])
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz: corrupt gzip data"):
         data.load("mnist", data_dir=tmp_path)
+
+
+def test_mnist_inconsistent_files(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"load\('mnist'\): data_dir .*file is a file, not a "
+                       r"directory"):
+        data.load("mnist", data_dir=tmp_path / "file")
+    _write_mnist(tmp_path, size=6, test_size=4)
+    with pytest.raises(ValueError, match=r"train and test images must have the same size "
+                       r"\(H, W\); got \(6, 6\) for train and \(4, 4\) for test"):
+        data.load("mnist", data_dir=tmp_path)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    for bad, shown in [(np.array([0, -1, 2], np.int8), "-1"),
+                       (np.array([0, 2.7, 1], np.float32), "2.7")]:
+        _write_mnist(tmp_path, n_test=3)
+        labels.write_bytes(gzip.compress(_idx_bytes(bad)))
+        with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: class labels must be "
+                           rf"non-negative integers; got 1 invalid label\(s\), e.g. {shown}"):
+            data.load("mnist", data_dir=tmp_path)
