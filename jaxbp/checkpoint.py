@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 
 import jax
 import numpy as np
@@ -52,6 +52,7 @@ FORMAT = "jaxbp-checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.safetensors"
 _MAX_SHOWN = 12  # differences listed in a mismatch error
+_FIELDS = ("epoch", "step", "config", "history")  # metadata every checkpoint has
 
 
 def _named_leaves(prefix: str, tree) -> dict[str, jax.Array]:
@@ -59,10 +60,20 @@ def _named_leaves(prefix: str, tree) -> dict[str, jax.Array]:
     return {prefix + jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
+def _not_a_directory(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(
+            f"checkpoint {path} is a directory, not a checkpoint file (did you mean "
+            f"{os.path.join(path, FILENAME)}?)"
+        )
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    # Mode 0o666 less the umask, as open() gives (mkstemp's 0o600 would make it private).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -83,6 +94,7 @@ def _atomic_write(path: str, data: bytes) -> None:
 def save(path, state: TrainState, config: dict | None = None, history: dict | None = None):
     """Write ``state`` (and JSON-serialisable ``config``, ``history``) to ``path`` atomically."""
     path = os.fspath(path)
+    _not_a_directory(path)
     tensors = {
         **_named_leaves("params", state.params),
         **_named_leaves("opt_state", state.opt_state),
@@ -95,14 +107,30 @@ def save(path, state: TrainState, config: dict | None = None, history: dict | No
         "epoch": str(int(state.epoch)),
         "step": str(int(state.step)),
         "key_impl": str(jax.random.key_impl(state.key)),
-        "config": json.dumps(config or {}),
-        "history": json.dumps(history or {}),
+        "config": _json("config", config or {}),
+        "history": _json("history", history or {}),
     }
     _atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
 
 
+def _json(arg: str, mapping) -> str:
+    """``mapping`` as JSON; a ValueError names the first entry JSON cannot encode."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"checkpoint.save: {arg} must be a dict; got {type(mapping).__name__}")
+    for key, value in mapping.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"checkpoint.save: {arg}[{key!r}] must be JSON-serialisable (str, number, bool, "
+                f"None, list, dict); got {type(value).__name__}: {err}"
+            ) from None
+    return json.dumps(mapping)
+
+
 def _open(path: str):
     """``(metadata, tensors)`` of a jaxbp checkpoint, or a ValueError saying what it is not."""
+    _not_a_directory(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -123,6 +151,12 @@ def _open(path: str):
         raise ValueError(
             f"checkpoint {path} has version {metadata.get('version')}; this jaxbp reads "
             f"version {VERSION}"
+        )
+    missing = [k for k in _FIELDS if k not in metadata]
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} lacks metadata field(s) {', '.join(missing)} (a jaxbp checkpoint "
+            f"has {', '.join(_FIELDS)})"
         )
     return metadata, tensors
 

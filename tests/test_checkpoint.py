@@ -2,6 +2,7 @@
 
 import doctest
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,34 @@ def test_truncated_and_foreign_files(tmp_path):
         checkpoint.restore(path, like=_state(steps=0))
     with pytest.raises(FileNotFoundError, match="checkpoint .*absent does not exist"):
         checkpoint.read_metadata(tmp_path / "absent")
+    metadata = {"format": checkpoint.FORMAT, "version": str(checkpoint.VERSION), "step": "0"}
+    safetensors.numpy.save_file({"w": np.zeros(3)}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="lacks metadata field\\(s\\) epoch, config, history "
+                       "\\(a jaxbp checkpoint has epoch, step, config, history\\)"):
+        checkpoint.read_metadata(path)
+
+
+def test_directories_and_bad_config(tmp_path):
+    state = _state(steps=0)
+    where = re.escape(f"checkpoint {tmp_path} is a directory, not a checkpoint file (did you mean ")
+    with pytest.raises(ValueError, match=where):
+        checkpoint.restore(tmp_path, like=state)
+    with pytest.raises(ValueError, match=where):
+        checkpoint.save(tmp_path, state)
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(ValueError, match=r"checkpoint.save: config\['f'\] must be "
+                       r"JSON-serialisable .*got object"):
+        checkpoint.save(path, state, config={"model": "mlp", "f": object()})
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary file left
+
+
+def test_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        checkpoint.save(tmp_path / "c.safetensors", _state(steps=0))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "c.safetensors").st_mode & 0o777 == 0o640  # 0o666 & ~0o027
 
 
 _KILLED_WRITER = textwrap.dedent("""
