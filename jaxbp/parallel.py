@@ -78,12 +78,16 @@ def replicate(tree, mesh: Mesh | None = None):
 
 def shard_batch(batch, mesh: Mesh | None = None):
     """Put every array of ``batch`` split along its leading axis over ``mesh``."""
-    if mesh is not None:
-        for a in jax.tree.leaves(batch):
-            if a.shape[0] % mesh.size:
-                raise ValueError(
-                    f"parallel: batch of {a.shape[0]} rows cannot be split evenly over "
-                    f"{mesh.size} devices"
-                )
+    for a in jax.tree.leaves(batch):
+        if np.ndim(a) == 0:
+            raise ValueError(
+                "parallel.shard_batch: every array needs a leading batch axis to split; "
+                f"got a {np.result_type(a)} scalar (shape ())"
+            )
+        if mesh is not None and a.shape[0] % mesh.size:
+            raise ValueError(
+                f"parallel: batch of {a.shape[0]} rows cannot be split evenly over "
+                f"{mesh.size} devices"
+            )
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda a: _put(a, sharding), batch)

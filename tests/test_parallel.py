@@ -6,7 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from jaxbp import parallel
 
@@ -82,3 +85,11 @@ def test_single_device_needs_no_mesh():
     assert parallel.data_mesh(1) is None and parallel.data_mesh() is None
     with pytest.raises(ValueError, match=r"devices must be an int in \[1, 1\] .*got 4"):
         parallel.data_mesh(4)
+
+
+def test_shard_batch_needs_a_leading_batch_axis():
+    mesh = Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
+    for m in (mesh, None):
+        with pytest.raises(ValueError, match=r"parallel.shard_batch: every array needs a leading "
+                           r"batch axis to split; got a float32 scalar \(shape \(\)\)"):
+            parallel.shard_batch((np.ones(4), np.float32(1)), m)
