@@ -165,6 +165,22 @@ def test_backward_float32():
     assert_backward_matches_vjp([(layer, case)], bound=1e-5)
 
 
+def test_backward_where_xla_lhs_dilation_aborts():
+    """Kernel (4, 2), stride (5, 2), padding (2, 1) on 4×4: XLA:CPU aborts the process on
+    the transpose convolution ``jax.vjp`` builds here (lhs_dilation), so the reference
+    is forward-mode: the Jacobians of ``jax.jacfwd`` contracted with dy."""
+    layer = layers.Conv2D(2, (4, 2), stride=(5, 2), padding=(2, 1))
+    params, x, dy = random_case(layer, (4, 4, 3), 2, seed=7)
+    dparams, dx = layer.backward(params, layer.forward(params, x)[1], dy)
+
+    def reference(fn, arg):
+        return jnp.tensordot(dy, jax.jacfwd(fn)(arg), axes=dy.ndim)
+
+    dx_ref = reference(lambda x: layer.forward(params, x)[0], x)
+    dW_ref = reference(lambda W: layer.forward({**params, "W": W}, x)[0], params["W"])
+    assert max_tree_rel_error([dx, dparams["W"]], [dx_ref, dW_ref]) <= 1e-12
+
+
 @st.composite
 def conv_configs(draw):
     """Random valid configurations, including inputs smaller than the kernel when padded."""

@@ -107,3 +107,43 @@ def test_init_with_image_shape_for_dense():
     msg = "layers[0] Dense: input_shape must be (features,) (batch axis excluded); got (8, 8, 1)"
     with pytest.raises(ValueError, match=re.escape(msg)):
         net.init(jax.random.key(0), (8, 8, 1))
+
+
+def test_params_of_another_network_are_rejected():
+    # a 5-class net's parameters in a 3-class net: the last Dense layer names the mismatch
+    net = Sequential([layers.Dense(4), layers.ReLU(), layers.Dense(3)],
+                     loss=losses.SoftmaxCrossEntropy())
+    other = Sequential([layers.Dense(4), layers.ReLU(), layers.Dense(5)],
+                       loss=losses.SoftmaxCrossEntropy())
+    params = other.init(jax.random.key(0), (2,))
+    msg = "layers[2] Dense: params['W'] must have shape (in, units) = (*, 3); got (4, 5)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.forward(params, jnp.ones((1, 2)))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        jax.jit(net.manual_backward)(params, jnp.ones((1, 2)), jnp.array([0]))
+
+
+@pytest.mark.parametrize("layer, params, msg", [
+    (layers.Dense(3), {"W": jnp.ones((2, 3))}, "Dense: params must have the keys ['W', 'b']; "
+     "got ['W']"),
+    (layers.Dense(3), {"W": jnp.ones((2, 3)), "b": jnp.ones(4)},
+     "Dense: params['b'] must have shape (units,) = (3,); got (4,)"),
+    (layers.Dense(3, use_bias=False), {"W": jnp.ones(3)},
+     "Dense: params['W'] must have shape (in, units) = (*, 3); got (3,)"),
+    (layers.Conv2D(2, 3), {"W": jnp.ones((3, 3, 1, 4)), "b": jnp.ones(2)},
+     "Conv2D: params['W'] must have shape (kh, kw, C_in, filters) = (3, 3, *, 2); "
+     "got (3, 3, 1, 4)"),
+])
+def test_layer_params_of_the_wrong_shape(layer, params, msg):
+    x = jnp.ones((1, 4, 4, 1)) if isinstance(layer, layers.Conv2D) else jnp.ones((1, 2))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        layer.forward(params, x)
+
+
+def test_init_with_empty_input_shapes():
+    with pytest.raises(ValueError, match=re.escape(
+            "Dense: input_shape[0] (features) must be a positive int; got 0")):
+        layers.Dense(3).init(jax.random.key(0), (0,))
+    with pytest.raises(ValueError, match=re.escape(
+            "Conv2D: input_shape width must be a positive int; got 0")):
+        layers.Conv2D(2, 3).init(jax.random.key(0), (5, 0, 1))

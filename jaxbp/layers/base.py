@@ -17,6 +17,7 @@ is ∂L/∂x and has the shape of ``x``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -68,5 +69,23 @@ def check_rank(layer: str, arg: str, x, rank: int, layout: str) -> None:
 
 
 def check_positive_int(layer: str, arg: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{layer}: {arg} must be a positive int; got {value!r}")
+
+
+def check_params(layer: str, params, expected: dict) -> None:
+    """Raise a ValueError unless ``params`` has exactly the keys and shapes of ``expected``.
+
+    ``expected`` maps each key to ``(shape, layout)``; ``None`` in a shape matches
+    any size, e.g. ``{"W": ((None, 4), "(in, units)"), "b": ((4,), "(units,)")}``.
+    """
+    if not isinstance(params, dict) or set(params) != set(expected):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"{layer}: params must have the keys {sorted(expected)}; got {got}")
+    for name, (shape, layout) in expected.items():
+        got = tuple(params[name].shape)
+        if len(got) != len(shape) or any(e not in (None, g) for e, g in zip(shape, got)):
+            want = str(tuple("*" if e is None else e for e in shape)).replace("'*'", "*")
+            raise ValueError(
+                f"{layer}: params[{name!r}] must have shape {layout} = {want}; got {got}"
+            )

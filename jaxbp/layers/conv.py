@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .base import Layer, check_positive_int, check_rank, default_float_dtype
+from .base import Layer, check_params, check_positive_int, check_rank, default_float_dtype
 from .dense import INITIALIZERS
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -131,6 +131,8 @@ def check_image_shape(layer: str, input_shape) -> tuple[int, int, int]:
             f"{layer}: input_shape must be (height, width, channels) (batch axis excluded, "
             f"NHWC); got {input_shape}"
         )
+    for name, size in zip(("height", "width", "channels"), input_shape, strict=True):
+        check_positive_int(layer, f"input_shape {name}", size)
     return input_shape
 
 
@@ -209,6 +211,10 @@ class Conv2D(Layer):
         return params, (h_out, w_out, self.filters)
 
     def forward(self, params, x):
+        expected = {"W": ((*self.kernel_size, None, self.filters), "(kh, kw, C_in, filters)")}
+        if self.use_bias:
+            expected["b"] = ((self.filters,), "(filters,)")
+        check_params("Conv2D", params, expected)
         W = params["W"]
         check_rank("Conv2D", "input x", x, 4, "(batch, height, width, channels) NHWC")
         c_in = W.shape[2]
@@ -268,12 +274,19 @@ class Conv2D(Layer):
             padding=[(pads[d][0], pads[d][1] - r[d]) for d in range(2)],
             rhs_dilation=stride, dimension_numbers=NHWC,
         ).transpose(1, 2, 0, 3)
-        # dx: the flipped kernel with in/out channels swapped, (kh, kw, C_out, C_in).
+        # dx: ď (dilated and padded by lax.pad, whose negative pads crop) correlated with
+        # the flipped kernel, in/out channels swapped, (kh, kw, C_out, C_in). The same
+        # padding given to the convolution as lhs_dilation trips an XLA:CPU check for
+        # some legal geometries (e.g. kernel (4, 2), stride (5, 2), padding (2, 1)).
+        zero = jnp.zeros((), dy.dtype)
+        d_dilated = lax.pad(dy, zero, [
+            (0, 0, 0),
+            *[(kernel[d] - 1 - pads[d][0], kernel[d] - 1 - pads[d][1] + r[d], stride[d] - 1)
+              for d in range(2)],
+            (0, 0, 0)])
         dx = lax.conv_general_dilated(
-            dy, lax.rev(W, (0, 1)).transpose(0, 1, 3, 2), window_strides=(1, 1),
-            padding=[(kernel[d] - 1 - pads[d][0], kernel[d] - 1 - pads[d][1] + r[d])
-                     for d in range(2)],
-            lhs_dilation=stride, dimension_numbers=NHWC,
+            d_dilated, lax.rev(W, (0, 1)).transpose(0, 1, 3, 2), window_strides=(1, 1),
+            padding="VALID", dimension_numbers=NHWC,
         )
         dparams = {"W": dW}
         if self.use_bias:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .base import Layer, check_positive_int, check_rank, default_float_dtype
+from .base import Layer, check_params, check_positive_int, check_rank, default_float_dtype
 
 INITIALIZERS = {
     "lecun_normal": jax.nn.initializers.lecun_normal,
@@ -67,6 +67,7 @@ class Dense(Layer):
                 f"Dense: input_shape must be (features,) (batch axis excluded); got "
                 f"{input_shape}. Put a Flatten() before Dense for image inputs."
             )
+        check_positive_int("Dense", "input_shape[0] (features)", input_shape[0])
         dtype = dtype or default_float_dtype()
         W = INITIALIZERS[self.init_scheme]()(key, (input_shape[0], self.units), dtype)
         params = {"W": W}
@@ -75,6 +76,7 @@ class Dense(Layer):
         return params, (self.units,)
 
     def forward(self, params, x):
+        check_params("Dense", params, self._expected())
         W = params["W"]
         check_rank("Dense", "input x", x, 2, "(batch, features)")
         if x.shape[1] != W.shape[0]:
@@ -87,6 +89,13 @@ class Dense(Layer):
         if self.use_bias:
             y = y + params["b"][None, :]
         return y, DenseResiduals(x=x)
+
+    def _expected(self):
+        """The params' keys and shapes (``check_params``); any number of inputs."""
+        expected = {"W": ((None, self.units), "(in, units)")}
+        if self.use_bias:
+            expected["b"] = ((self.units,), "(units,)")
+        return expected
 
     def backward(self, params, residuals, dy):
         """Chain rule through ``y = x @ W + b``.
