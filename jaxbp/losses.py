@@ -29,6 +29,9 @@ def _check_output(loss: str, y_hat, rank: int = 2) -> None:
             f"{loss}: network output y_hat must have rank {rank} (batch, outputs); got "
             f"shape {tuple(y_hat.shape)}"
         )
+    if y_hat.shape[0] == 0:
+        raise ValueError(f"{loss}: the batch is empty (output shape {tuple(y_hat.shape)}); "
+                         "the loss averages over at least one sample")
 
 
 def _check_same_shape(loss: str, y_hat, y) -> None:
@@ -48,7 +51,8 @@ def check_labels(loss: str, y_hat, y) -> None:
             f"{tuple(y_hat.shape)}; got {tuple(y.shape)}"
         )
     if _is_concrete(y) and y.size:
-        lo, hi = int(np.min(y)), int(np.max(y))
+        labels = np.asarray(y)  # on the host: jnp reductions would be staged inside a trace
+        lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= classes:
             raise ValueError(
                 f"{loss}: integer labels must lie in [0, {classes}) for {classes} classes; "
@@ -117,8 +121,8 @@ class SoftmaxCrossEntropy(Loss):
     """Cross-entropy of softmax(logits): per sample ``logsumexp(z) − Σ_k t_k z_k``.
 
     ``y`` is either integer labels (batch,) or targets (batch, K) whose rows are
-    probabilities (one-hot included). Stable for logits of any magnitude: the
-    max is subtracted before exponentiating.
+    probabilities (one-hot included, integer or float). Stable for logits of any
+    magnitude: the max is subtracted before exponentiating.
 
     Fused gradient (softmax and cross-entropy together):
     ``∂L/∂z = (softmax(z)·Σ_k t_k − t) / batch = (softmax(z) − t) / batch`` for
@@ -130,13 +134,12 @@ class SoftmaxCrossEntropy(Loss):
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat)
         batch, classes = y_hat.shape
-        if _is_integer(y):
+        if _is_integer(y) and y.ndim == 1:
             check_labels(self.name, y_hat, y)
             t = one_hot_mask(y, classes, y_hat.dtype)
             t_sum = 1.0  # one label per row
-        elif y.ndim == 2:
-            _check_same_shape(self.name, y_hat, y)
-            t = y
+        elif y.ndim == 2 and tuple(y.shape) == tuple(y_hat.shape):
+            t = y.astype(y_hat.dtype) if _is_integer(y) else y  # integer one-hot rows too
             t_sum = jnp.sum(t, axis=1, keepdims=True)  # 1 for probability rows
         else:
             raise ValueError(

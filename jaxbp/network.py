@@ -85,8 +85,10 @@ class Sequential:
         if not isinstance(loss, Loss):
             raise ValueError(f"Sequential: loss must be a jaxbp loss; got {type(loss).__name__}")
         weight_decay = float(weight_decay)
-        if not weight_decay >= 0:
-            raise ValueError(f"Sequential: weight_decay must be >= 0; got {weight_decay}")
+        if not 0 <= weight_decay < float("inf"):
+            raise ValueError(
+                f"Sequential: weight_decay must be finite and >= 0; got {weight_decay}"
+            )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "loss_fn", loss)
         object.__setattr__(self, "weight_decay", weight_decay)
@@ -119,8 +121,8 @@ class Sequential:
         """
         if not self.loss_fn.takes_labels or isinstance(y, jax.core.Tracer):
             return
-        if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-            return
+        if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(y) != 1:
+            return  # not labels (targets of the output's shape are the loss's to check)
         y_hat = jax.eval_shape(self.forward, params, x)  # cached trace, no FLOPs
         if len(y_hat.shape) == 2:
             _prefixed("loss", check_labels, self.loss_fn.name, y_hat, y)
@@ -176,7 +178,9 @@ class Sequential:
         return 0.5 * self.weight_decay * total
 
     def _data_loss(self, y_hat, y):
-        return _prefixed("loss", self.loss_fn.value_and_grad, y_hat, y)
+        """``(L, ∂L/∂y_hat)``, the gradient in ``y_hat``'s dtype (targets may be wider)."""
+        L, dy_hat = _prefixed("loss", self.loss_fn.value_and_grad, y_hat, y)
+        return L, dy_hat.astype(y_hat.dtype)
 
     @_checks_labels
     @_method_jit
@@ -205,7 +209,8 @@ class Sequential:
                     k: g + self.weight_decay * params[i][k] if k in layer.decay_keys else g
                     for k, g in dparams.items()
                 }
-            grads[i] = dparams
+            # in each parameter's dtype, as jax.grad gives (mixed dtypes promote on the way)
+            grads[i] = {k: g.astype(params[i][k].dtype) for k, g in dparams.items()}
             signals[i] = dy
         return dy
 

@@ -42,8 +42,8 @@ def test_hand_built_params_with_wrong_shape_name_the_later_layer():
 
 def test_labels_of_the_wrong_shape():
     net, params = mlp()
-    msg = ("loss SoftmaxCrossEntropy: integer labels y must have shape (4,) for output (4, 3); "
-           "got (4, 1)")
+    msg = ("loss SoftmaxCrossEntropy: y must be integer labels (4,) or probability targets "
+           "(4, 3); got shape (4, 1) with dtype int64")
     with pytest.raises(ValueError, match=re.escape(msg)):
         net.loss(params, jnp.ones((4, 2)), jnp.zeros((4, 1), int))
 
@@ -91,9 +91,10 @@ def test_bad_constructor_arguments():
         layers.Dense(0)
     with pytest.raises(ValueError, match=re.escape("Dense: init must be one of")):
         layers.Dense(3, init="uniform")
-    msg = "Sequential: weight_decay must be >= 0; got -1.0"
-    with pytest.raises(ValueError, match=re.escape(msg)):
-        Sequential([layers.Dense(1)], loss=losses.MeanSquaredError(), weight_decay=-1)
+    for bad in (-1, float("inf"), float("nan")):
+        msg = f"Sequential: weight_decay must be finite and >= 0; got {float(bad)}"
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            Sequential([layers.Dense(1)], loss=losses.MeanSquaredError(), weight_decay=bad)
     msg = "Sequential: loss must be a jaxbp loss; got str"
     with pytest.raises(ValueError, match=re.escape(msg)):
         Sequential([layers.Dense(1)], loss="mse")
@@ -147,3 +148,11 @@ def test_init_with_empty_input_shapes():
     with pytest.raises(ValueError, match=re.escape(
             "Conv2D: input_shape width must be a positive int; got 0")):
         layers.Conv2D(2, 3).init(jax.random.key(0), (5, 0, 1))
+
+
+def test_empty_batch():
+    net, params = mlp()
+    msg = ("loss SoftmaxCrossEntropy: the batch is empty (output shape (0, 3)); the loss "
+           "averages over at least one sample")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.loss(params, jnp.ones((0, 2)), jnp.zeros((0,), int))

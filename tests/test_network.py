@@ -200,3 +200,43 @@ def test_manual_backward_never_calls_autodiff(monkeypatch):
         net.manual_value_and_grad(p, x, y)
         net.manual_backward(p, x, y, remat_every=2)
         net.manual_backward_with_signals(p, x, y)
+
+
+@pytest.mark.parametrize("param_dtype, data_dtype", [
+    (jnp.bfloat16, jnp.float32),   # low-precision weights, float32 data
+    (jnp.float32, jnp.float64),    # float32 weights, float64 data and targets
+], ids=["bf16-params", "f32-params-f64-data"])
+def test_gradients_have_the_dtype_of_their_parameters(param_dtype, data_dtype):
+    """Mixed dtypes promote in the forward pass; like jax.grad, each gradient comes back in
+    its parameter's dtype (an optax step inside lax.scan needs that to keep its carry type)."""
+    mlp = Sequential([layers.Dense(4), layers.Tanh(), layers.Dense(3)],
+                     loss=losses.HalfSquaredError())
+    cnn = Sequential([layers.Conv2D(2, 3, padding="SAME"), layers.ReLU(), layers.Flatten(),
+                      layers.Dense(3)], loss=losses.SoftmaxCrossEntropy())
+    for net, input_shape, y in [(mlp, (5,), jnp.ones((2, 3), data_dtype)),
+                                (cnn, (4, 4, 1), jnp.array([0, 2]))]:
+        params = net.init(jax.random.key(0), input_shape, param_dtype)
+        x = jax.random.normal(jax.random.key(1), (2, *input_shape), data_dtype)
+        manual, auto = net.manual_backward(params, x, y), jax.grad(net.loss)(params, x, y)
+        assert [g.dtype for g in jax.tree.leaves(manual)] == [param_dtype] * 4
+        assert [g.dtype for g in jax.tree.leaves(auto)] == [param_dtype] * 4
+        assert max_tree_rel_error(manual, auto) < 1e-2  # bfloat16 keeps about 3 digits
+
+
+def test_concrete_labels_closed_over_inside_jit():
+    net = make_net(layers.ReLU(), losses.SoftmaxCrossEntropy(), 0.0, depth=2)
+    params, x, y = make_case(net, 0, 5, 4, jnp.float64)
+    J = jax.jit(lambda p: net.loss(p, x, y))(params)  # y is concrete inside the trace
+    assert J == net.loss(params, x, y)
+    with pytest.raises(ValueError, match=r"integer labels must lie in \[0, 3\)"):
+        jax.jit(lambda p, bad=y + CLASSES: net.loss(p, x, bad))(params)
+
+
+def test_integer_one_hot_targets_are_probability_targets():
+    ce = losses.SoftmaxCrossEntropy()
+    z = jax.random.normal(jax.random.key(0), (4, 5))
+    labels = jnp.array([0, 4, 2, 1])
+    for one_hot in (jax.nn.one_hot(labels, 5, dtype=jnp.int32), jax.nn.one_hot(labels, 5)):
+        value, grad = ce.value_and_grad(z, one_hot)
+        ref_value, ref_grad = ce.value_and_grad(z, labels)
+        assert value == ref_value and jnp.array_equal(grad, ref_grad)

@@ -229,7 +229,9 @@ class Conv2D(Layer):
                 f"(batch, height, width, {c_in}){hint}"
             )
         pads, _ = self._geometry(x.shape[1:3])
-        y = lax.conv_general_dilated(x, W, self.stride, pads, dimension_numbers=NHWC)
+        dtype = jnp.result_type(x, W)  # mixed dtypes promote, as in Dense's x @ W
+        y = lax.conv_general_dilated(x.astype(dtype), W.astype(dtype), self.stride, pads,
+                                     dimension_numbers=NHWC)
         if self.use_bias:
             y = y + params["b"][None, None, None, :]
         return y, ConvResiduals(x=x)
@@ -260,7 +262,8 @@ class Conv2D(Layer):
         where ``r`` padded rows at the end are read by no window (their gradient is
         zero). Both are ``lax.conv_general_dilated`` calls, forward ops of XLA.
         """
-        x, W = residuals.x, params["W"]
+        dtype = jnp.result_type(residuals.x, params["W"], dy)
+        x, W, dy = residuals.x.astype(dtype), params["W"].astype(dtype), dy.astype(dtype)
         kernel, stride = self.kernel_size, self.stride
         pads, out = self._geometry(x.shape[1:3])
         r = [unread_rows(x.shape[1 + d], kernel[d], stride[d], pads[d], out[d]) for d in range(2)]
