@@ -1,4 +1,9 @@
-"""Shared assertions for gradient tests."""
+"""Shared assertions for gradient tests, and a runner for simulated multi-device scripts."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -22,3 +27,18 @@ def max_tree_rel_error(a, b) -> float:
     )
     errs = [rel_error(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return max(errs, default=0.0)
+
+
+def run_on_cpu_devices(script: str, devices: int = 4):
+    """Run ``script`` in a fresh Python with ``devices`` simulated CPU devices.
+
+    The device count is fixed when JAX starts, hence the subprocess. The script
+    prints one line ``RESULT <json>``; its decoded JSON is returned.
+    """
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

@@ -1,9 +1,5 @@
 """Data parallelism on 4 simulated CPU devices, checked in a subprocess against one device."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +8,7 @@ import pytest
 from jax.sharding import Mesh
 
 from jaxbp import parallel
+from tests.helpers import run_on_cpu_devices
 
 _SCRIPT = textwrap.dedent("""
     import json
@@ -58,13 +55,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def four_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_on_cpu_devices(_SCRIPT)
 
 
 def test_data_parallel_training_matches_one_device(four_devices):

@@ -1,10 +1,6 @@
 """Training: the jitted step, fused epochs, manual = autodiff, weight decay, divergence, CLI."""
 
 import doctest
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,7 +11,7 @@ import pytest
 
 from jaxbp import cli, data, models, train
 
-from .helpers import max_tree_rel_error
+from .helpers import max_tree_rel_error, run_on_cpu_devices
 
 LAM = 0.05  # weight decay for the equivalence tests
 
@@ -113,13 +109,7 @@ _FOUR_DEVICES = textwrap.dedent("""
 def test_epochs_on_four_devices_compile_once():
     # Typed PRNG keys returned by jit on a mesh used to alternate physical shardings,
     # adding a second dispatch-cache entry from the third epoch on.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _FOUR_DEVICES], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))
-    assert json.loads(line[len("RESULT "):]) == [1, 2, 2]
+    assert run_on_cpu_devices(_FOUR_DEVICES) == [1, 2, 2]
 
 
 def test_train_step_is_jitted_and_never_recompiles():
