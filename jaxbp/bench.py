@@ -10,7 +10,8 @@ For each model, on whatever device JAX selects, in one run:
 * ``scan``     the same step fused into an epoch by ``lax.scan`` (time per step);
 * ``matmuls``  for dense nets, the matmuls of ``manual`` alone (same shapes and
                operand layouts, no bias, activation, loss or reduction between them):
-               the ceiling any step built from these matmuls can reach;
+               how fast the step's products run by themselves (a reference, not a
+               bound: XLA schedules a bare chain of dots differently);
 * ``matmul``   an ``n × n`` by ``n × n`` matmul of the same dtype: the device's peak;
 * ``pytorch``  the same architecture's eager training step, if torch is installed.
 
