@@ -299,7 +299,7 @@ def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps,
     _check_int("epoch_steps", epoch_steps)
     if remat_every is not None:  # None or 0: no remat row
         _check_int("remat_every", remat_every, minimum=0)
-    if (isinstance(round_seconds, bool) or not isinstance(round_seconds, (int, float))
+    if (isinstance(round_seconds, bool) or not isinstance(round_seconds, numbers.Real)
             or not 0 <= round_seconds < math.inf):
         raise ValueError(f"bench: round_seconds must be a finite number ≥ 0; got {round_seconds!r}")
     if optimizer not in train.OPTIMIZERS:

@@ -98,9 +98,9 @@ def _split(name, x, y, test_fraction, seed, image=False) -> Dataset:
     n_test = math.ceil(test_fraction * n)  # as train_test_split rounds
     if not classes <= n_test <= n - classes:
         raise ValueError(
-            f"load({name!r}): test_fraction must lie in [{classes / n:.3g}, {1 - classes / n:.3g}] "
-            f"so that a stratified split of {n} samples has at least one per class ({classes}) "
-            f"in each split; got {test_fraction} ({n_test} test samples)"
+            f"load({name!r}): test_fraction × {n} samples, rounded up, must give between "
+            f"{classes} and {n - classes} test samples (one per class in each split, {classes} "
+            f"classes); got {test_fraction} ({n_test} test samples)"
         )
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y

@@ -515,11 +515,12 @@ def check_layer(
     dtype = _dtype_name("check_layer", dtype)
     _check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
     _check_int("check_layer", "batch", batch, 1)
-    if not isinstance(input_shape, (tuple, list)) or not all(_is_int(s, 1) for s in input_shape):
+    if np.ndim(input_shape) != 1 or not all(_is_int(s, 1) for s in input_shape):
         raise ValueError(
-            "check_layer: input_shape must be a tuple of positive ints (batch axis excluded); "
+            "check_layer: input_shape must be a sequence of positive ints (batch axis excluded); "
             f"got {input_shape!r}"
         )
+    input_shape = tuple(int(s) for s in input_shape)
     if x is not None:
         _check_batch("check_layer", x)
     tol = TOLERANCES[dtype]

@@ -125,10 +125,14 @@ def _check_paths(args, ckpt: str | None) -> None:
             )
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"train: --checkpoint-dir must be a directory; {directory} is a file")
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"train: --checkpoint-dir cannot be created: {err}") from None
+        # created by the first save; here only check that it could be
+        ancestor = os.path.abspath(directory)
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
+            raise ValueError(
+                f"train: --checkpoint-dir cannot be created: {ancestor} is not a writable directory"
+            )
     if ckpt and os.path.isdir(directory) and not os.access(directory, os.W_OK):
         raise ValueError(f"train: --checkpoint-dir {directory} is not writable")
     if args.plot:

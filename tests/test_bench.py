@@ -12,6 +12,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxbp import Sequential, bench, bench_torch, cli, layers, losses, models
@@ -154,6 +155,13 @@ def test_bad_options_are_rejected_before_compiling(no_compiling, api, option, me
     call = bench.run_bench if api == "run_bench" else bench.bench_model
     with pytest.raises(ValueError, match=re.escape(f"bench: {message}")):
         call(["mlp-small"] if api == "run_bench" else "mlp-small", **option)
+
+
+def test_numpy_scalars_are_valid_options(no_compiling):
+    # validation passes, so the bench goes on to compile (the fixture stops it there)
+    with pytest.raises(pytest.fail.Exception, match="compiled"):
+        bench.bench_model("mlp-small", rounds=np.int64(3), round_seconds=np.float32(0.02),
+                          batch=np.int32(8), torch_reference=False)
 
 
 def test_float64_needs_x64():

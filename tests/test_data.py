@@ -77,13 +77,15 @@ def test_bad_requests():
         data.load("mnist")
     with pytest.raises(ValueError, match="unknown dataset 'foo'; expected one of digits"):
         data.load("foo", layout="image")
-    with pytest.raises(ValueError, match=r"load\('iris'\): test_fraction must lie in "
-                       r"\[0.02, 0.98\] so that a stratified split of 150 samples has at least "
-                       r"one per class \(3\) in each split; got 0.01 \(2 test samples\)"):
+    with pytest.raises(ValueError, match=r"load\('iris'\): test_fraction × 150 samples, rounded "
+                       r"up, must give between 3 and 147 test samples \(one per class in each "
+                       r"split, 3 classes\); got 0.01 \(2 test samples\)"):
         data.load("iris", test_fraction=0.01)
-    with pytest.raises(ValueError, match=r"test_fraction must lie in \[0.02, 0.98\] .*got 0.99"):
+    with pytest.raises(ValueError, match=r"between 3 and 147 test samples .*got 0.99 \(149 test"):
         data.load("iris", test_fraction=0.99)
-    assert len(data.load("iris", test_fraction=0.02).x_test) == 3  # the minimum works
+    # the extremes that work: ceil(0.0134·150) = 3 and ceil(0.98·150) = 147
+    assert len(data.load("iris", test_fraction=0.0134).x_test) == 3
+    assert len(data.load("iris", test_fraction=0.98).x_test) == 147
 
 
 # -------------------------------------------------------------------------- IDX

@@ -128,9 +128,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"check_layer: x must have a leading batch axis .*"
                        r"got shape \(0, 4\)"):
         check_layer(layers.Dense(3), (4,), x=jnp.ones((0, 4)))
-    with pytest.raises(ValueError, match=r"check_layer: input_shape must be a tuple of positive "
-                       r"ints \(batch axis excluded\); got \(-4,\)"):
+    with pytest.raises(ValueError, match=r"check_layer: input_shape must be a sequence of "
+                       r"positive ints \(batch axis excluded\); got \(-4,\)"):
         check_layer(layers.Dense(3), (-4,))
+    assert check_layer(layers.Dense(3), np.array([4])).ok  # any sequence of ints
     with pytest.raises(ValueError, match=r"check_layer: fd_max_coords must be an int >= 0; "
                        r"got 1.5"):
         check_layer(layers.Dense(3), (4,), fd_max_coords=1.5)

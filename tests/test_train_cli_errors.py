@@ -43,7 +43,12 @@ def test_checkpoint_dir_must_be_a_creatable_directory(tmp_path, capsys):
     rc, err = _train(capsys, "--checkpoint-dir", str(afile))
     assert rc == 2 and f"train: --checkpoint-dir must be a directory; {afile} is a file" in err
     rc, err = _train(capsys, "--checkpoint-dir", str(afile / "sub"))
-    assert rc == 2 and "train: --checkpoint-dir cannot be created: " in err
+    assert rc == 2
+    assert f"train: --checkpoint-dir cannot be created: {afile} is not a writable directory" in err
+    # a later check failing leaves nothing behind: the directory is made by the first save
+    rc, err = _train(capsys, "--checkpoint-dir", str(tmp_path / "new" / "ck"),
+                     "--batch-size", "1000")
+    assert rc == 2 and not (tmp_path / "new").exists()
 
 
 def test_existing_checkpoint_needs_resume(tmp_path, capsys):
