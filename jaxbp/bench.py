@@ -71,6 +71,7 @@ import jax.numpy as jnp
 
 from . import models, train
 from .layers import Dense
+from .layers.base import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,13 +268,6 @@ def _quartiles(samples: list[float]) -> list[float]:
 # --------------------------------------------------------------- validation
 
 
-def _check_int(arg: str, value, minimum: int = 1) -> None:
-    """A ``ValueError`` naming ``arg`` unless ``value`` is an int ≥ ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        expected = "a positive int" if minimum == 1 else f"an int ≥ {minimum}"
-        raise ValueError(f"bench: {arg} must be {expected}; got {value!r}")
-
-
 def _check_dtype(dtype) -> jnp.dtype:
     """``jnp.dtype(dtype)`` if one of ``DTYPES`` (64-bit ones need x64), else ``ValueError``."""
     try:
@@ -294,11 +288,11 @@ def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps,
         raise ValueError(f"bench: unknown model {name!r}; choose from {sorted(MODELS)}")
     for arg, value in (("batch", batch), ("peak_size", peak_size)):
         if value is not None:  # None: the default
-            _check_int(arg, value)
-    _check_int("rounds", rounds)
-    _check_int("epoch_steps", epoch_steps)
+            check_int("bench", arg, value)
+    check_int("bench", "rounds", rounds)
+    check_int("bench", "epoch_steps", epoch_steps)
     if remat_every is not None:  # None or 0: no remat row
-        _check_int("remat_every", remat_every, minimum=0)
+        check_int("bench", "remat_every", remat_every, minimum=0)
     if (isinstance(round_seconds, bool) or not isinstance(round_seconds, numbers.Real)
             or not 0 <= round_seconds < math.inf):
         raise ValueError(f"bench: round_seconds must be a finite number ≥ 0; got {round_seconds!r}")

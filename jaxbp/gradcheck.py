@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gradcheck_report import GradReport, Row
+from .layers.base import check_int, is_int
 
 _KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
 
@@ -81,15 +82,6 @@ def _dtype_name(fn: str, dtype) -> str:
     if name not in TOLERANCES:
         raise ValueError(f"{fn}: dtype must be float64 or float32; got {dtype!r}")
     return name
-
-
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
-
-
-def _check_int(fn: str, arg: str, value, minimum: int) -> None:
-    if not _is_int(value, minimum):
-        raise ValueError(f"{fn}: {arg} must be an int >= {minimum}; got {value!r}")
 
 
 def _check_batch(fn: str, x) -> None:
@@ -406,7 +398,7 @@ def gradcheck(
       (True, True)
     """
     dtype = _dtype_name("gradcheck", dtype)
-    _check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
+    check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
     _check_batch("gradcheck", x)
     tol = TOLERANCES[dtype]
     notes = _notes(tol, dtype, fd_max_coords, seed)
@@ -513,9 +505,9 @@ def check_layer(
       True
     """
     dtype = _dtype_name("check_layer", dtype)
-    _check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
-    _check_int("check_layer", "batch", batch, 1)
-    if np.ndim(input_shape) != 1 or not all(_is_int(s, 1) for s in input_shape):
+    check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
+    check_int("check_layer", "batch", batch)
+    if np.ndim(input_shape) != 1 or not all(is_int(s) and s >= 1 for s in input_shape):
         raise ValueError(
             "check_layer: input_shape must be a sequence of positive ints (batch axis excluded); "
             f"got {input_shape!r}"

@@ -37,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import numbers
 import time
 from typing import Any, NamedTuple
 
@@ -47,6 +46,7 @@ import numpy as np
 import optax
 
 from . import parallel
+from .layers.base import check_int, is_int
 
 GRADS = ("manual", "autodiff")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -276,11 +276,6 @@ def _fits_on_device(nbytes: int) -> bool:
     return nbytes <= limit // 4
 
 
-def _is_int(value) -> bool:
-    """An integer, numpy's included, but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, devices=None):
     """Raise ``ValueError`` for arguments ``fit`` cannot train with; return the mesh.
 
@@ -290,9 +285,8 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
     network's output (e.g. integer labels lie in ``[0, classes)``).
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"fit: {name} must be a positive int; got {value!r}")
-    mesh = parallel.data_mesh(int(devices) if _is_int(devices) else devices)
+        check_int("fit", name, value)
+    mesh = parallel.data_mesh(int(devices) if is_int(devices) else devices)
     n_devices = 1 if mesh is None else mesh.size
     n = len(data.x_train)
     if batch_size > n:

@@ -123,7 +123,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"gradcheck: x must have a leading batch axis with at "
                        r"least 1 sample; got shape \(0, 2\)"):
         gradcheck(net, params, x[:0], y[:0])
-    with pytest.raises(ValueError, match="check_layer: batch must be an int >= 1; got 0"):
+    with pytest.raises(ValueError, match="check_layer: batch must be a positive int; got 0"):
         check_layer(layers.Dense(3), (4,), batch=0)
     with pytest.raises(ValueError, match=r"check_layer: x must have a leading batch axis .*"
                        r"got shape \(0, 4\)"):

@@ -68,9 +68,16 @@ def check_rank(layer: str, arg: str, x, rank: int, layout: str) -> None:
         )
 
 
-def check_positive_int(layer: str, arg: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{layer}: {arg} must be a positive int; got {value!r}")
+def is_int(value) -> bool:
+    """An integer, numpy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(where: str, arg: str, value, minimum: int = 1) -> None:
+    """Raise a ValueError naming ``where`` and ``arg`` unless ``value`` is an int ≥ ``minimum``."""
+    if not is_int(value) or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{where}: {arg} must be {expected}; got {value!r}")
 
 
 def check_params(layer: str, params, expected: dict) -> None:

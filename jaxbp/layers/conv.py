@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .base import Layer, check_params, check_positive_int, check_rank, default_float_dtype
+from .base import Layer, check_int, check_params, check_rank, default_float_dtype
 from .dense import INITIALIZERS
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -101,7 +101,7 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding=0) -> int:
     """
     name = "conv_output_size"
     for arg, value in (("size", size), ("kernel", kernel), ("stride", stride)):
-        check_positive_int(name, arg, value)
+        check_int(name, arg, value)
     if isinstance(padding, str):
         spec = as_padding(name, padding)
     else:
@@ -132,7 +132,7 @@ def check_image_shape(layer: str, input_shape) -> tuple[int, int, int]:
             f"NHWC); got {input_shape}"
         )
     for name, size in zip(("height", "width", "channels"), input_shape, strict=True):
-        check_positive_int(layer, f"input_shape {name}", size)
+        check_int(layer, f"input_shape {name}", size)
     return input_shape
 
 
@@ -185,7 +185,7 @@ class Conv2D(Layer):
 
     def __init__(self, filters: int, kernel_size, stride=1, padding=0,
                  init: str = "lecun_normal", use_bias: bool = True):
-        check_positive_int("Conv2D", "filters", filters)
+        check_int("Conv2D", "filters", filters)
         if init not in INITIALIZERS:
             raise ValueError(
                 f"Conv2D: init must be one of {sorted(INITIALIZERS)}; got {init!r}"

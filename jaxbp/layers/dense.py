@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .base import Layer, check_params, check_positive_int, check_rank, default_float_dtype
+from .base import Layer, check_int, check_params, check_rank, default_float_dtype
 
 INITIALIZERS = {
     "lecun_normal": jax.nn.initializers.lecun_normal,
@@ -51,7 +51,7 @@ class Dense(Layer):
     decay_keys = ("W",)
 
     def __init__(self, units: int, init: str = "lecun_normal", use_bias: bool = True):
-        check_positive_int("Dense", "units", units)
+        check_int("Dense", "units", units)
         if init not in INITIALIZERS:
             raise ValueError(
                 f"Dense: init must be one of {sorted(INITIALIZERS)}; got {init!r}"
@@ -67,7 +67,7 @@ class Dense(Layer):
                 f"Dense: input_shape must be (features,) (batch axis excluded); got "
                 f"{input_shape}. Put a Flatten() before Dense for image inputs."
             )
-        check_positive_int("Dense", "input_shape[0] (features)", input_shape[0])
+        check_int("Dense", "input_shape[0] (features)", input_shape[0])
         dtype = dtype or default_float_dtype()
         W = INITIALIZERS[self.init_scheme]()(key, (input_shape[0], self.units), dtype)
         params = {"W": W}
