@@ -61,7 +61,6 @@ import functools
 import json
 import math
 import numbers
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -70,6 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from . import models, train
+from .cli import output_file_problem
 from .layers import Dense
 from .layers.base import check_int
 
@@ -482,13 +482,9 @@ def _models(text: str) -> list[str]:
 
 def _json_path(path: str) -> str:
     """An argparse ``type``: a file path that can be written (checked before any timing)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"expected a file path; {path!r} is a directory")
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"directory {parent!r} of {path!r} does not exist")
-    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{path!r} is not writable")
+    problem = output_file_problem(path)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> (module, one-line help)
@@ -16,6 +17,18 @@ COMMANDS = {
     "train": ("jaxbp.train_cli", "check the manual gradients, then train on a real dataset"),
     "bench": ("jaxbp.bench", "time the manual backward against autodiff and the matmul peak"),
 }
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written as a file (checked before long work), or ``None``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"expected a file path; {path!r} is a directory"
+    if not os.path.isdir(parent):
+        return f"directory {parent!r} of {path!r} does not exist"
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        return f"{path!r} is not writable"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

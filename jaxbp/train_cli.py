@@ -17,6 +17,7 @@ import sys
 import time
 
 from . import data
+from .cli import output_file_problem
 
 # Per-model defaults: the plain command reaches ≥ 97% (MLP) / ≥ 98% (CNN) test
 # accuracy on digits within a minute on two CPU cores.
@@ -136,18 +137,14 @@ def _check_paths(args, ckpt: str | None) -> None:
     if ckpt and os.path.isdir(directory) and not os.access(directory, os.W_OK):
         raise ValueError(f"train: --checkpoint-dir {directory} is not writable")
     if args.plot:
-        parent = os.path.dirname(args.plot) or "."
-        if os.path.isdir(args.plot):
-            raise ValueError(f"train: --plot must be a file path; got the directory {args.plot}")
+        problem = output_file_problem(args.plot)
+        if problem:
+            raise ValueError(f"train: --plot: {problem}")
         extension = os.path.splitext(args.plot)[1][1:].lower()
         if extension and extension not in _plot_formats():
             raise ValueError(
                 f"train: --plot {args.plot}: cannot write .{extension} files; use one of "
                 f"{', '.join(sorted(_plot_formats()))}"
-            )
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise ValueError(
-                f"train: --plot {args.plot}: directory {parent} does not exist or is not writable"
             )
 
 

@@ -62,11 +62,13 @@ def test_existing_checkpoint_needs_resume(tmp_path, capsys):
 
 def test_plot_path_is_checked_before_training(tmp_path, capsys):
     rc, err = _train(capsys, "--plot", str(tmp_path))
-    assert rc == 2 and f"train: --plot must be a file path; got the directory {tmp_path}" in err
+    assert rc == 2
+    assert f"train: --plot: expected a file path; {str(tmp_path)!r} is a directory" in err
     missing = tmp_path / "missing" / "x.png"
     rc, err = _train(capsys, "--plot", str(missing))
     assert rc == 2
-    assert f"directory {missing.parent} does not exist or is not writable" in err
+    where = f"directory {str(missing.parent)!r} of {str(missing)!r}"
+    assert f"train: --plot: {where} does not exist" in err
     rc, err = _train(capsys, "--plot", str(tmp_path / "curves.xyz"))
     assert rc == 2 and "cannot write .xyz files; use one of " in err and "png" in err
 
