@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from .layers.base import Layer
+from .layers.base import Layer, is_int
 from .losses import Loss, check_labels
 
 _method_jit = functools.partial(jax.jit, static_argnums=0)
@@ -222,11 +222,12 @@ class Sequential:
             L, dy = self._data_loss(y_hat, y)
             self._walk_back(params, residuals, dy, 0, n, grads, signals)
         else:
-            if not isinstance(remat_every, int) or isinstance(remat_every, bool) or remat_every < 1:
+            if not is_int(remat_every) or remat_every < 1:
                 raise ValueError(
                     f"Sequential.manual_backward: remat_every must be a positive int or None; "
                     f"got {remat_every!r}"
                 )
+            remat_every = int(remat_every)
             # Forward keeping only the input of every remat_every-th layer.
             self._check_params(params)
             checkpoints, a = {}, x

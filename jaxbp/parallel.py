@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .layers.base import is_int
+
 AXIS = "data"
 
 
@@ -34,14 +36,14 @@ def data_mesh(devices: int | None = None) -> Mesh | None:
     """A 1-D mesh over the first ``devices`` devices (``None``: all), or ``None`` for one."""
     available = jax.devices()
     n = len(available) if devices is None else devices
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(available):
+    if not is_int(n) or not 1 <= n <= len(available):
         raise ValueError(
             f"parallel: devices must be an int in [1, {len(available)}] (the visible "
             f"{available[0].platform} devices); got {devices!r}"
         )
     if n == 1:
         return None
-    return Mesh(np.array(available[:n]), (AXIS,))
+    return Mesh(np.array(available[:int(n)]), (AXIS,))
 
 
 def devices(mesh: Mesh | None) -> list:

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from . import parallel
-from .layers.base import check_int, is_int
+from .layers.base import check_int
 
 GRADS = ("manual", "autodiff")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -286,7 +286,7 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         check_int("fit", name, value)
-    mesh = parallel.data_mesh(int(devices) if is_int(devices) else devices)
+    mesh = parallel.data_mesh(devices)
     n_devices = 1 if mesh is None else mesh.size
     n = len(data.x_train)
     if batch_size > n:

@@ -161,7 +161,8 @@ def test_numpy_scalars_are_valid_options(no_compiling):
     # validation passes, so the bench goes on to compile (the fixture stops it there)
     with pytest.raises(pytest.fail.Exception, match="compiled"):
         bench.bench_model("mlp-small", rounds=np.int64(3), round_seconds=np.float32(0.02),
-                          batch=np.int32(8), torch_reference=False)
+                          batch=np.int32(8), remat_every=np.int64(2), peak_size=np.int64(64),
+                          epoch_steps=np.int32(2), torch_reference=False)
 
 
 def test_float64_needs_x64():

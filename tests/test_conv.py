@@ -103,6 +103,14 @@ def test_tutorial_feature_map_stride_2():
     assert conv_output_size(5, 3, stride=2, padding=0) == 2
 
 
+def test_numpy_ints_make_the_same_layers():
+    i = np.int64
+    assert repr(layers.Conv2D(i(2), (i(3), 2), stride=i(2), padding=(i(1), 0))) == repr(
+        layers.Conv2D(2, (3, 2), stride=2, padding=(1, 0)))
+    assert repr(layers.MaxPool2D(i(2), stride=np.int32(1))) == repr(layers.MaxPool2D(2, 1))
+    assert conv_output_size(i(5), i(3), stride=i(2), padding=i(1)) == 3
+
+
 def test_tutorial_depth_3_two_filters():
     """5×5×3, zero padding 1 (7×7×3), two 3×3×3 filters, stride 2 → 3×3×2, 56 parameters."""
     layer = layers.Conv2D(2, 3, stride=2, padding=1)

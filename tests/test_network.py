@@ -8,6 +8,7 @@ keep compilation time down.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -143,7 +144,7 @@ def test_signals_are_input_gradients():
     assert max_tree_rel_error(signals[0], jax.grad(net.loss, argnums=1)(p, x, y)) <= 1e-10
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 100])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 100, np.int64(2)])
 def test_remat_gives_the_same_gradients(k):
     net = make_net(layers.GELU(), losses.SoftmaxCrossEntropy(), 0.1, depth=4)
     p, x, y = make_case(net, 5, 4, 3, jnp.float64)

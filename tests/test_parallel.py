@@ -74,6 +74,7 @@ def test_batch_is_split_over_the_data_axis(four_devices):
 
 def test_single_device_needs_no_mesh():
     assert parallel.data_mesh(1) is None and parallel.data_mesh() is None
+    assert parallel.data_mesh(np.int64(1)) is None
     with pytest.raises(ValueError, match=r"devices must be an int in \[1, 1\] .*got 4"):
         parallel.data_mesh(4)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .base import Layer, check_int, check_params, check_rank, default_float_dtype
+from .base import Layer, check_int, check_params, check_rank, default_float_dtype, is_int
 from .dense import INITIALIZERS
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -31,19 +31,15 @@ _PADDING_FORMS = (
 )
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def as_pair(layer: str, arg: str, value) -> tuple[int, int]:
     """``value`` (an int or a pair of positive ints) as ``(height, width)``."""
-    pair = (value, value) if _is_int(value) else value
+    pair = (value, value) if is_int(value) else value
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-            and all(_is_int(v) and v >= 1 for v in pair)):
+            and all(is_int(v) and v >= 1 for v in pair)):
         raise ValueError(
             f"{layer}: {arg} must be a positive int or a pair of positive ints; got {value!r}"
         )
-    return tuple(pair)
+    return tuple(int(v) for v in pair)  # numpy ints too, stored as plain ints
 
 
 def as_padding(layer: str, value):
@@ -51,16 +47,16 @@ def as_padding(layer: str, value):
     if isinstance(value, str) and value.upper() in ("SAME", "VALID"):
         return value.upper()
     pads = value
-    if _is_int(pads):
+    if is_int(pads):
         pads = (pads, pads)
-    if isinstance(pads, (tuple, list)) and len(pads) == 2 and all(_is_int(p) for p in pads):
+    if isinstance(pads, (tuple, list)) and len(pads) == 2 and all(is_int(p) for p in pads):
         pads = ((pads[0], pads[0]), (pads[1], pads[1]))
     ok = (isinstance(pads, (tuple, list)) and len(pads) == 2 and all(
-        isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
+        isinstance(p, (tuple, list)) and len(p) == 2 and all(is_int(v) and v >= 0 for v in p)
         for p in pads))
     if not ok:
         raise ValueError(f"{layer}: padding must be {_PADDING_FORMS}; got {value!r}")
-    return tuple(tuple(p) for p in pads)
+    return tuple(tuple(int(v) for v in p) for p in pads)
 
 
 def resolve_pads(padding, size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -105,9 +101,9 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding=0) -> int:
     if isinstance(padding, str):
         spec = as_padding(name, padding)
     else:
-        spec = (padding, padding) if _is_int(padding) else padding
+        spec = (padding, padding) if is_int(padding) else padding
         if not (isinstance(spec, (tuple, list)) and len(spec) == 2
-                and all(_is_int(p) and p >= 0 for p in spec)):
+                and all(is_int(p) and p >= 0 for p in spec)):
             raise ValueError(f'{name}: padding must be "SAME", "VALID", an int >= 0 or a pair '
                              f"(lo, hi) of ints >= 0; got {padding!r}")
     pads = resolve_pads(spec, size, kernel, stride)
@@ -190,7 +186,7 @@ class Conv2D(Layer):
             raise ValueError(
                 f"Conv2D: init must be one of {sorted(INITIALIZERS)}; got {init!r}"
             )
-        object.__setattr__(self, "filters", filters)
+        object.__setattr__(self, "filters", int(filters))
         object.__setattr__(self, "kernel_size", as_pair("Conv2D", "kernel_size", kernel_size))
         object.__setattr__(self, "stride", as_pair("Conv2D", "stride", stride))
         object.__setattr__(self, "padding", as_padding("Conv2D", padding))

@@ -56,7 +56,7 @@ class Dense(Layer):
             raise ValueError(
                 f"Dense: init must be one of {sorted(INITIALIZERS)}; got {init!r}"
             )
-        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "units", int(units))
         object.__setattr__(self, "init_scheme", init)
         object.__setattr__(self, "use_bias", bool(use_bias))
 
