@@ -137,11 +137,12 @@ def _check_paths(args, ckpt: str | None) -> None:
     if ckpt and os.path.isdir(directory) and not os.access(directory, os.W_OK):
         raise ValueError(f"train: --checkpoint-dir {directory} is not writable")
     if args.plot:
-        problem = output_file_problem(args.plot)
+        path = plot_path(args.plot)  # a directory is refused even where PATH.png could be written
+        problem = output_file_problem(args.plot) or output_file_problem(path)
         if problem:
             raise ValueError(f"train: --plot: {problem}")
-        extension = os.path.splitext(args.plot)[1][1:].lower()
-        if extension and extension not in _plot_formats():
+        extension = os.path.splitext(path)[1][1:].lower()
+        if extension not in _plot_formats():
             raise ValueError(
                 f"train: --plot {args.plot}: cannot write .{extension} files; use one of "
                 f"{', '.join(sorted(_plot_formats()))}"
@@ -197,6 +198,11 @@ def _plot_formats() -> set[str]:
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
+def plot_path(path: str) -> str:
+    """The file ``--plot path`` writes: ``path``, or ``path + ".png"`` without an extension."""
+    return path if os.path.splitext(path)[1] else path + ".png"
+
+
 def plot_history(history: dict, path: str) -> str:
     """Loss and accuracy per epoch, train and test; returns the file written.
 
@@ -219,8 +225,7 @@ def plot_history(history: dict, path: str) -> str:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    if not os.path.splitext(path)[1]:
-        path += ".png"
+    path = plot_path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -69,6 +69,10 @@ def test_plot_path_is_checked_before_training(tmp_path, capsys):
     assert rc == 2
     where = f"directory {str(missing.parent)!r} of {str(missing)!r}"
     assert f"train: --plot: {where} does not exist" in err
+    (tmp_path / "curves.png").mkdir()  # what --plot curves would write
+    rc, err = _train(capsys, "--plot", str(tmp_path / "curves"))
+    assert rc == 2
+    assert f"expected a file path; {str(tmp_path / 'curves.png')!r} is a directory" in err
     rc, err = _train(capsys, "--plot", str(tmp_path / "curves.xyz"))
     assert rc == 2 and "cannot write .xyz files; use one of " in err and "png" in err
 
