@@ -179,6 +179,18 @@ def test_finite_differences_divide_by_the_step_float32_took():
     assert np.isnan(fd[0]).all()
 
 
+def test_coordinates_the_step_cannot_move_are_left_out_not_passed():
+    # float32 at 1e6 has a spacing of 0.0625, far above h = ∛ε ≈ 5e-3: θ ± h is θ, so the
+    # finite differences are NaN there; the bias (0) still moves and is checked
+    layer = layers.Dense(2)
+    params = {"W": jnp.full((3, 2), 1e6, jnp.float32), "b": jnp.zeros(2, jnp.float32)}
+    with pytest.warns(UserWarning, match="float32 check"):
+        report = check_layer(layer, (3,), dtype="float32", params=params)
+    assert report.row("W").fd_coords == 0 and report.row("W").fd_rel_err is None
+    assert report.row("b").fd_coords == 2 and np.isfinite(report.row("b").fd_rel_err)
+    assert report.ok
+
+
 def test_large_leaf_checks_a_seeded_subset():
     net = models.mlp(hidden=(20,), classes=3)
     params = net.init(jax.random.key(0), (10,))
