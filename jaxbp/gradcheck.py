@@ -75,8 +75,8 @@ FLOAT32_WARNING = (
 
 
 def _dtype_name(fn: str, dtype) -> str:
-    try:
-        name = np.dtype(dtype).name
+    try:  # np.dtype(None) would be float64: None is refused, not taken for the default
+        name = np.dtype(dtype).name if dtype is not None else None
     except TypeError:  # not a dtype at all ("bogus")
         name = None
     if name not in TOLERANCES:

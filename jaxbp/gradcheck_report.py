@@ -27,9 +27,10 @@ class Row:
     ``max_abs_err`` is ``max|manual − autodiff|``, ``rel_err`` that divided by
     ``max|autodiff|``. ``fd_coords`` counts the coordinates compared with finite
     differences (0: none; one whose step rounds away in its dtype is left out) and
-    ``fd_rel_err`` is ``max|manual − fd|`` over them, divided by the same scale. ``status`` is "ok", "kink" (finite differences
-    disagree only where the loss has a kink), "fd-noisy" (float32 finite
-    differences disagree; not a failure) or "FAIL"; ``detail`` says why.
+    ``fd_rel_err`` is ``max|manual − fd|`` over them, divided by the same scale.
+    ``status`` is "ok", "kink" (finite differences disagree only where the loss
+    has a kink), "fd-noisy" (float32 finite differences disagree; not a failure)
+    or "FAIL"; ``detail`` says why.
     """
 
     path: str

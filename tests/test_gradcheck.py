@@ -114,6 +114,8 @@ def test_bad_dtype():
         gradcheck(*_worked_example(), dtype="bogus")
     with pytest.raises(ValueError, match="check_layer: dtype must be float64 or float32; got 'x'"):
         check_layer(layers.Dense(3), (4,), dtype="x")
+    with pytest.raises(ValueError, match="gradcheck: dtype must be float64 or float32; got None"):
+        gradcheck(*_worked_example(), dtype=None)
 
 
 def test_bad_arguments():

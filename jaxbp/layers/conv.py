@@ -256,7 +256,8 @@ class Conv2D(Layer):
                         ``(kh − 1 − P_lo, kh − 1 − P_hi + r)`` on ď       (batch, H, W, C_in)
 
         where ``r`` padded rows at the end are read by no window (their gradient is
-        zero). Both are ``lax.conv_general_dilated`` calls, forward ops of XLA.
+        zero). Both are ``lax.conv_general_dilated`` calls, forward ops of XLA; for dx,
+        ``lax.pad`` first dilates ď by ``S − 1`` zeros and pads (or crops) it as above.
         """
         dtype = jnp.result_type(residuals.x, params["W"], dy)
         x, W, dy = residuals.x.astype(dtype), params["W"].astype(dtype), dy.astype(dtype)
