@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from . import models, train
-from .cli import output_file_problem
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, number, output_file_problem
 from .layers import Dense
 from .layers.base import check_int
 
@@ -453,22 +453,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _number(convert, minimum, expected: str):
-    """An argparse ``type``: ``convert(text)``, finite and ≥ ``minimum``, else argparse's
-    ``error:`` naming the flag (exit 2)."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value < math.inf:
-            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
-        return value
-
-    return parse
-
-
 def _models(text: str) -> list[str]:
     """An argparse ``type``: a comma-separated list of at least one of ``MODELS``."""
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -489,26 +473,25 @@ def _json_path(path: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    positive = _number(int, 1, "a positive int")
     parser.add_argument("--models", type=_models, default=list(MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)} (default all)")
-    parser.add_argument("--batch", type=positive,
+    parser.add_argument("--batch", type=POSITIVE_INT,
                         help="batch size for every model (default per model)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="%(choices)s; float64 turns on jax_enable_x64 (default %(default)s)")
-    parser.add_argument("--rounds", type=positive, default=61,
+    parser.add_argument("--rounds", type=POSITIVE_INT, default=61,
                         help="interleaved timing rounds (default %(default)s)")
-    parser.add_argument("--round-seconds", type=_number(float, 0, "a finite number ≥ 0"),
+    parser.add_argument("--round-seconds", type=number(float, 0, "a finite number ≥ 0"),
                         default=0.02,
                         help="time each variant runs per round, at least one call; "
                              "0: one call (default %(default)s)")
-    parser.add_argument("--remat-every", type=_number(int, 0, "an int ≥ 0"), default=4,
+    parser.add_argument("--remat-every", type=NON_NEGATIVE_INT, default=4,
                         help="k of the remat row, 0: no remat row (default %(default)s)")
-    parser.add_argument("--epoch-steps", type=positive, default=20,
+    parser.add_argument("--epoch-steps", type=POSITIVE_INT, default=20,
                         help="steps of the fused epoch (default %(default)s)")
     parser.add_argument("--optimizer", default="sgd", choices=train.OPTIMIZERS,
                         help="optax optimizer of the training rows (default %(default)s)")
-    parser.add_argument("--peak-size", type=positive,
+    parser.add_argument("--peak-size", type=POSITIVE_INT,
                         help="n of the n×n matmul (default 1024 on CPU, 8192 elsewhere)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--json", metavar="PATH", type=_json_path,

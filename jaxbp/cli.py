@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -29,6 +30,30 @@ def output_file_problem(path: str) -> str | None:
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
         return f"{path!r} is not writable"
     return None
+
+
+def number(convert, minimum, expected: str, *, strict: bool = False):
+    """An argparse ``type``: ``convert(text)``, finite and ≥ ``minimum`` (> if ``strict``).
+
+    Anything else is argparse's ``error: argument --flag: expected …; got '…'``
+    (exit status 2), before the command does any work.
+    """
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > minimum if strict else value >= minimum) \
+                or not value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = number(int, 1, "a positive int")
+NON_NEGATIVE_INT = number(int, 0, "an int ≥ 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

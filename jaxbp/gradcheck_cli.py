@@ -10,13 +10,13 @@ Exit status 0 when every row passes, 1 when a row fails, 2 for bad arguments.
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 
 from . import layers, models
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT
 from .gradcheck import FLOAT32_WARNING, gradcheck
 
 
@@ -53,11 +53,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--seed", type=int, default=0, help="params, data and FD coordinates")
     parser.add_argument(
-        "--batch", type=int, default=4, help="batch size (the worked example has one sample)"
+        "--batch", type=POSITIVE_INT, default=4,
+        help="batch size (the worked example has one sample)",
     )
     parser.add_argument(
         "--fd-coords",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=32,
         help="finite-difference coordinates per large leaf (0: none)",
     )
@@ -65,10 +66,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    for flag, value, minimum in (("--batch", args.batch, 1), ("--fd-coords", args.fd_coords, 0)):
-        if value < minimum:
-            print(f"error: {flag} must be >= {minimum}; got {value}", file=sys.stderr)
-            return 2
     # Build the case at the checked precision so that float64 weights are exact.
     with jax.enable_x64(args.dtype == "float64"):
         net, params, x, y = PRESETS[args.model](jax.random.key(args.seed), args.batch)

@@ -11,13 +11,12 @@ to ``--epochs``, and gives exactly the parameters an uninterrupted run would.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 
 from . import data
-from .cli import output_file_problem
+from .cli import POSITIVE_INT, number, output_file_problem
 
 # Per-model defaults: the plain command reaches ≥ 97% (MLP) / ≥ 98% (CNN) test
 # accuracy on digits within a minute on two CPU cores.
@@ -48,13 +47,14 @@ def add_arguments(parser) -> None:
                         help="hand-written backward (default) or jax.value_and_grad")
     parser.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam"),
                         help="optax optimizer (default adam)")
-    parser.add_argument("--lr", type=float, help=f"learning rate > 0 ({_per_model('lr')})")
-    parser.add_argument("--epochs", type=int,
+    parser.add_argument("--lr", type=number(float, 0, "a finite number > 0", strict=True),
+                        help=f"learning rate > 0 ({_per_model('lr')})")
+    parser.add_argument("--epochs", type=POSITIVE_INT,
                         help=f"total epochs, counting those of a resumed checkpoint "
                         f"({_per_model('epochs')})")
-    parser.add_argument("--batch-size", type=int,
+    parser.add_argument("--batch-size", type=POSITIVE_INT,
                         help=f"samples per step ({_per_model('batch_size')})")
-    parser.add_argument("--weight-decay", type=float,
+    parser.add_argument("--weight-decay", type=number(float, 0, "a finite number ≥ 0"),
                         help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² ({_per_model('weight_decay')})")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation and shuffling")
     parser.add_argument("--checkpoint-dir",
@@ -102,17 +102,7 @@ def _config(args) -> dict:
     for name in ("lr", "epochs", "batch_size", "weight_decay"):
         value = getattr(args, name)
         config[name] = defaults[name] if value is None else value
-    for name in ("epochs", "batch_size"):
-        if config[name] < 1:
-            option = "--" + name.replace("_", "-")
-            raise ValueError(f"train: {option} must be a positive int; got {config[name]}")
-    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
-        raise ValueError(f"train: --lr must be a finite number > 0; got {config['lr']}")
-    if not (math.isfinite(config["weight_decay"]) and config["weight_decay"] >= 0):
-        raise ValueError(
-            f"train: --weight-decay must be a finite number >= 0; got {config['weight_decay']}"
-        )
-    return config
+    return config  # numbers were checked by argparse (cli.number)
 
 
 def _check_paths(args, ckpt: str | None) -> None:

@@ -324,9 +324,12 @@ def test_cli_cnn_float32_notes_without_a_raw_warning(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--batch", "0"], "error: --batch must be >= 1; got 0"),
-    (["--fd-coords", "-1"], "error: --fd-coords must be >= 0; got -1"),
+    (["--batch", "0"], "argument --batch: expected a positive int; got '0'"),
+    (["--fd-coords", "-1"], "argument --fd-coords: expected an int ≥ 0; got '-1'"),
+    (["--fd-coords", "x"], "argument --fd-coords: expected an int ≥ 0; got 'x'"),
 ])  # fmt: skip
 def test_cli_bad_arguments_exit_2(capsys, argv, message):
-    assert cli.main(["gradcheck", *argv]) == 2
-    assert capsys.readouterr().err.strip() == message
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["gradcheck", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"jaxbp gradcheck: error: {message}")

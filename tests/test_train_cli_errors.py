@@ -11,14 +11,6 @@ BAD_OPTIONS = [
     (["--hidden", "-4"], "train: --hidden must be comma-separated positive ints; got '-4'"),
     (["--model", "cnn", "--filters", "4"],
      "train: --filters must be two comma-separated positive ints (one per conv layer); got '4'"),
-    (["--weight-decay", "-1"], "train: --weight-decay must be a finite number >= 0; got -1.0"),
-    (["--epochs", "-3"], "train: --epochs must be a positive int; got -3"),
-    (["--epochs", "0"], "train: --epochs must be a positive int; got 0"),
-    (["--lr", "-1"], "train: --lr must be a finite number > 0; got -1.0"),
-    (["--lr", "0"], "train: --lr must be a finite number > 0; got 0.0"),
-    (["--lr", "nan"], "train: --lr must be a finite number > 0; got nan"),
-    (["--batch-size", "0"], "train: --batch-size must be a positive int; got 0"),
-    (["--batch-size", "-5"], "train: --batch-size must be a positive int; got -5"),
     (["--batch-size", "1000"], "fit: batch_size 1000 exceeds the 120 training samples"),
     (["--devices", "0"], "parallel: devices must be an int in [1, 1]"),
 ]
@@ -35,6 +27,28 @@ def _train(capsys, *options):
 def test_bad_option_is_an_error_before_training(capsys, options, message):
     rc, err = _train(capsys, *options)
     assert rc == 2 and err.startswith("error: ") and message in err, err
+
+
+BAD_NUMBERS = [
+    (["--weight-decay", "-1"], "argument --weight-decay: expected a finite number ≥ 0; got '-1'"),
+    (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number ≥ 0; got 'inf'"),
+    (["--epochs", "-3"], "argument --epochs: expected a positive int; got '-3'"),
+    (["--epochs", "0"], "argument --epochs: expected a positive int; got '0'"),
+    (["--epochs", "2.5"], "argument --epochs: expected a positive int; got '2.5'"),
+    (["--lr", "-1"], "argument --lr: expected a finite number > 0; got '-1'"),
+    (["--lr", "0"], "argument --lr: expected a finite number > 0; got '0'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number > 0; got 'nan'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive int; got '0'"),
+    (["--batch-size", "-5"], "argument --batch-size: expected a positive int; got '-5'"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_NUMBERS, ids=[" ".join(o) for o, _ in BAD_NUMBERS])
+def test_bad_number_is_an_argparse_error(capsys, options, message):
+    with pytest.raises(SystemExit) as exit_:
+        _train(capsys, *options)
+    assert exit_.value.code == 2
+    assert f"jaxbp train: error: {message}" in capsys.readouterr().err
 
 
 def test_checkpoint_dir_must_be_a_creatable_directory(tmp_path, capsys):
