@@ -29,8 +29,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from .layers.base import check_array
+
 
 def _check_matrix(fn: str, arg: str, W) -> None:
+    check_array(fn, arg, W)
     if jnp.ndim(W) != 2:
         raise ValueError(f"{fn}: {arg} must be a matrix (rank 2); got shape {jnp.shape(W)}")
 
@@ -46,6 +49,15 @@ def _check_dense(fn: str, params, out_axis: int) -> None:
             f"{fn}: params['b'] must have shape ({W.shape[out_axis]},) for W of shape "
             f"{tuple(W.shape)}; got {jnp.shape(params['b'])}"
         )
+
+
+def _check_inputs(fn: str, arg: str, a, axis: int, n_in: int, layout: str, weights) -> None:
+    """``a`` must be a matrix whose axis ``axis`` has the ``n_in`` inputs of ``weights``."""
+    _check_matrix(fn, arg, a)
+    if a.shape[axis] != n_in:
+        raise ValueError(f"{fn}: {arg} must have shape {layout} = "
+                         f"{(n_in, '*') if axis == 0 else ('*', n_in)} for weights of shape "
+                         f"{tuple(weights.shape)}; got {tuple(a.shape)}".replace("'*'", "*"))
 
 
 def row_to_column(params: dict) -> dict:
@@ -104,18 +116,26 @@ def augment(a):
 
 def row_forward(params: dict, x):
     """``y = x @ W + b``: x (batch, n_in) → y (batch, n_out). The same as ``Dense.forward``."""
+    _check_dense("row_forward", params, out_axis=1)
+    W = params["W"]
+    _check_inputs("row_forward", "x", x, 1, W.shape[0], "(batch, n_in)", W)
     y = x @ params["W"]
     return y + params["b"][None, :] if "b" in params else y
 
 
 def column_forward(params: dict, a):
     """``z = W a + b``: a (n_in, batch) with one sample per column → z (n_out, batch)."""
+    _check_dense("column_forward", params, out_axis=0)
+    W = params["W"]
+    _check_inputs("column_forward", "a", a, 0, W.shape[1], "(n_in, batch)", W)
     z = params["W"] @ a
     return z + params["b"][:, None] if "b" in params else z
 
 
 def augmented_forward(Wb, a):
     """``z = [W | b] · [a; 1]``: a (n_in, batch) → z (n_out, batch)."""
+    _check_matrix("augmented_forward", "Wb", Wb)
+    _check_inputs("augmented_forward", "a", a, 0, Wb.shape[1] - 1, "(n_in, batch)", Wb)
     return Wb @ augment(a)
 
 
@@ -128,6 +148,9 @@ def looped_forward(params: dict, x) -> np.ndarray:
 
     Shapes: x (batch, n_in), W (n_in, n_out), b (n_out,); returns (batch, n_out).
     """
+    _check_dense("looped_forward", params, out_axis=1)
+    _check_inputs("looped_forward", "x", x, 1, params["W"].shape[0], "(batch, n_in)",
+                  params["W"])
     x, W = np.asarray(x), np.asarray(params["W"])
     b = np.asarray(params["b"]) if "b" in params else np.zeros(W.shape[1], W.dtype)
     y = np.empty((x.shape[0], W.shape[1]), np.result_type(x, W))

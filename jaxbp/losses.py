@@ -18,12 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .layers.base import check_array, check_real
+
 
 def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-def _check_output(loss: str, y_hat, rank: int = 2) -> None:
+def _check_output(loss: str, y_hat, y, rank: int = 2) -> None:
+    check_array(loss, "network output y_hat", y_hat)
+    check_array(loss, "target y", y)
     if y_hat.ndim != rank:
         raise ValueError(
             f"{loss}: network output y_hat must have rank {rank} (batch, outputs); got "
@@ -32,6 +36,9 @@ def _check_output(loss: str, y_hat, rank: int = 2) -> None:
     if y_hat.shape[0] == 0:
         raise ValueError(f"{loss}: the batch is empty (output shape {tuple(y_hat.shape)}); "
                          "the loss averages over at least one sample")
+    if y_hat.shape[-1] == 0:
+        raise ValueError(f"{loss}: the network output has no units (shape "
+                         f"{tuple(y_hat.shape)}); a loss needs at least one output per sample")
 
 
 def _check_same_shape(loss: str, y_hat, y) -> None:
@@ -83,7 +90,9 @@ class Loss:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{self.name}()"
+        fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
+        return f"{self.name}({fields})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -94,7 +103,7 @@ class HalfSquaredError(Loss):
     """
 
     def value_and_grad(self, y_hat, y):
-        _check_output(self.name, y_hat)
+        _check_output(self.name, y_hat, y)
         _check_same_shape(self.name, y_hat, y)
         batch = y_hat.shape[0]
         r = y_hat - y
@@ -109,7 +118,7 @@ class MeanSquaredError(Loss):
     """
 
     def value_and_grad(self, y_hat, y):
-        _check_output(self.name, y_hat)
+        _check_output(self.name, y_hat, y)
         _check_same_shape(self.name, y_hat, y)
         n = y_hat.size
         r = y_hat - y
@@ -132,7 +141,7 @@ class SoftmaxCrossEntropy(Loss):
     takes_labels = True
 
     def value_and_grad(self, y_hat, y):
-        _check_output(self.name, y_hat)
+        _check_output(self.name, y_hat, y)
         batch, classes = y_hat.shape
         if _is_integer(y) and y.ndim == 1:
             check_labels(self.name, y_hat, y)
@@ -166,7 +175,7 @@ class SigmoidBinaryCrossEntropy(Loss):
     """
 
     def value_and_grad(self, y_hat, y):
-        _check_output(self.name, y_hat)
+        _check_output(self.name, y_hat, y)
         if _is_integer(y):
             y = y.astype(y_hat.dtype)
         _check_same_shape(self.name, y_hat, y)
@@ -191,8 +200,11 @@ class Hinge(Loss):
     margin: float = 1.0
     takes_labels = True
 
+    def __post_init__(self):
+        object.__setattr__(self, "margin", check_real("Hinge", "margin", self.margin, 0.0))
+
     def value_and_grad(self, y_hat, y):
-        _check_output(self.name, y_hat)
+        _check_output(self.name, y_hat, y)
         if not _is_integer(y):
             raise ValueError(
                 f"{self.name}: y must be integer labels of shape ({y_hat.shape[0]},); got "

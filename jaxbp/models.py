@@ -44,7 +44,13 @@ def worked_example(dtype=None):
 
 
 def mlp(hidden=(128,), classes=10, activation=layers.ReLU, weight_decay=0.0, init="he_normal"):
-    """A softmax-cross-entropy MLP: ``Dense → activation`` per hidden width, then ``Dense``."""
+    """A softmax-cross-entropy MLP: ``Dense → activation`` per hidden width, then ``Dense``.
+
+    ``hidden`` is a sequence of widths (``()`` gives softmax regression).
+    """
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise ValueError(f"mlp: hidden must be a sequence of layer widths, e.g. (128,) or "
+                         f"(1024, 1024); got {hidden!r}")
     stack = []
     for width in hidden:
         stack += [layers.Dense(width, init=init), activation()]
@@ -68,6 +74,12 @@ def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0)
       >>> net.output_shape((8, 8, 1))
       (10,)
     """
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3):
+        raise ValueError(f"cnn: input_shape must be (height, width, channels); got "
+                         f"{input_shape!r}")
+    if not (isinstance(filters, (tuple, list)) and len(filters) == 2):
+        raise ValueError(f"cnn: filters must be a pair (first conv, second conv), e.g. "
+                         f"(16, 32); got {filters!r}")
     h, w, _ = input_shape
     if min(h, w) < 4:
         raise ValueError(

@@ -119,8 +119,9 @@ class Sequential:
         concrete arrays only (inside ``jit`` the values are unknown) and costs no
         FLOPs; ``fit`` and ``gradcheck`` call it before they start.
         """
-        if not self.loss_fn.takes_labels or isinstance(y, jax.core.Tracer):
-            return
+        if (not self.loss_fn.takes_labels or isinstance(y, jax.core.Tracer)
+                or not hasattr(y, "dtype")):
+            return  # (a y that is not an array is the loss's to refuse)
         if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(y) != 1:
             return  # not labels (targets of the output's shape are the loss's to check)
         y_hat = jax.eval_shape(self.forward, params, x)  # cached trace, no FLOPs
@@ -249,6 +250,8 @@ class Sequential:
                     jnp.isnan(L), segment, segment, params[start:stop], checkpoints[start], dy
                 )
                 grads[start:stop], signals[start:stop] = seg_grads, seg_signals
+        if isinstance(params, tuple):
+            grads = tuple(grads)  # the pytree of params, as jax.grad returns it
         return L + self._decay_value(params), grads, signals
 
     def _remat_segment(self, start: int, stop: int, seg_params, a, dy):

@@ -1,6 +1,7 @@
 """Row, column and augmented conventions: exact round trips, equal outputs and gradients."""
 
 import doctest
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +128,29 @@ def test_augment_appends_ones():
 def test_bad_input_raises(fn, arg, match):
     with pytest.raises(ValueError, match=match):
         fn(arg)
+
+
+_ROW = {"W": jnp.ones((2, 3)), "b": jnp.ones(3)}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: row_forward(_ROW, jnp.ones((1, 5))),
+         "row_forward: x must have shape (batch, n_in) = (*, 2) for weights of shape (2, 3); "
+         "got (1, 5)"),
+        (lambda: column_forward(row_to_column(_ROW), jnp.ones((5, 1))),
+         "column_forward: a must have shape (n_in, batch) = (2, *) for weights of shape (3, 2); "
+         "got (5, 1)"),
+        (lambda: augmented_forward(row_to_augmented(_ROW), jnp.ones((5, 1))),
+         "augmented_forward: a must have shape (n_in, batch) = (2, *) for weights of shape "
+         "(3, 3); got (5, 1)"),
+        (lambda: looped_forward(_ROW, jnp.ones((1, 5))),
+         "looped_forward: x must have shape (batch, n_in) = (*, 2)"),
+        (lambda: row_to_column({"W": [[1.0, 2.0]]}),
+         "row_to_column: params['W'] must be an array (jax.numpy or numpy); got list"),
+    ],
+)
+def test_forwards_check_their_inputs(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

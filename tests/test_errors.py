@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxbp import Sequential, layers, losses
+from jaxbp import Sequential, layers, losses, models
 
 
 def mlp(loss=None):
@@ -156,3 +156,107 @@ def test_empty_batch():
            "averages over at least one sample")
     with pytest.raises(ValueError, match=re.escape(msg)):
         net.loss(params, jnp.ones((0, 2)), jnp.zeros((0,), int))
+
+
+# ------------------------------------------------- inputs that are not what a layer takes
+
+_DENSE = {"W": jnp.ones((2, 3)), "b": jnp.ones(3)}
+_CONV = {"W": jnp.ones((1, 1, 1, 1)), "b": jnp.ones(1)}
+
+BAD_INPUTS = [
+    (lambda: layers.ReLU().forward({"junk": jnp.ones(3)}, jnp.ones(3)),
+     "ReLU: params must be {} (the layer has no parameters); got ['junk']"),
+    (lambda: layers.Flatten().forward(None, jnp.ones((2, 3))),
+     "Flatten: params must be {} (the layer has no parameters); got NoneType"),
+    (lambda: layers.MaxPool2D(2).forward({"W": 1}, jnp.ones((1, 2, 2, 1))),
+     "MaxPool2D: params must be {} (the layer has no parameters); got ['W']"),
+    (lambda: layers.Sigmoid().forward({}, [1.0, 2.0]),
+     "Sigmoid: input x must be an array (jax.numpy or numpy); got list (convert it with "
+     "jnp.asarray)"),
+    (lambda: layers.Dense(3).forward(_DENSE, [[1.0, 2.0]]),
+     "Dense: input x must be an array (jax.numpy or numpy); got list"),
+    (lambda: layers.Dense(3).forward({"W": jnp.ones((2, 3)), "b": None}, jnp.ones((1, 2))),
+     "Dense: params['b'] must be an array (jax.numpy or numpy); got NoneType"),
+    (lambda: layers.MaxPool2D(2, padding=1).forward({}, jnp.ones((1, 0, 4, 1))),
+     "MaxPool2D: input height must be a positive int; got 0"),
+    (lambda: layers.Conv2D(1, 1, padding=1).forward(_CONV, jnp.ones((1, 3, 0, 1))),
+     "Conv2D: input width must be a positive int; got 0"),
+    (lambda: layers.Flatten().init(None, (3, -2)),
+     "Flatten: input_shape[1] must be a positive int; got -2"),
+    (lambda: layers.LeakyReLU([0.1]),
+     "LeakyReLU: negative_slope must be a finite number; got [0.1]"),
+    (lambda: layers.ELU(float("nan")), "ELU: alpha must be a finite number; got nan"),
+    (lambda: layers.GELU("no"),
+     "GELU: approximate must be True (the tanh form) or False (erf); got 'no'"),
+    (lambda: losses.Hinge(None), "Hinge: margin must be a finite number >= 0.0; got None"),
+    (lambda: losses.SoftmaxCrossEntropy().value(jnp.ones((2, 3)), [0, 1]),
+     "SoftmaxCrossEntropy: target y must be an array (jax.numpy or numpy); got list"),
+    (lambda: losses.MeanSquaredError().value(jnp.ones((2, 0)), jnp.ones((2, 0))),
+     "MeanSquaredError: the network output has no units (shape (2, 0)); a loss needs at "
+     "least one output per sample"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_INPUTS, ids=[m.split(":")[0] + f"-{i}"
+                                                           for i, (_, m) in enumerate(BAD_INPUTS)])
+def test_bad_inputs_and_hyperparameters_raise_named_value_errors(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+def test_non_array_inputs_to_the_network_name_the_layer_or_the_loss():
+    net, params = mlp()
+    with pytest.raises(ValueError, match=re.escape(
+            "layers[0] Dense: input x must be an array (jax.numpy or numpy); got list")):
+        net.forward(params, [[1.0, 2.0]])
+    with pytest.raises(ValueError, match=re.escape(
+            "loss SoftmaxCrossEntropy: target y must be an array (jax.numpy or numpy); got list")):
+        net.loss(params, jnp.ones((2, 2)), [0, 1])
+
+
+def test_params_on_a_parameterless_layer_are_refused_not_dropped():
+    net, params = mlp()
+    params[1] = {"junk": jnp.ones(3)}
+    with pytest.raises(ValueError, match=re.escape("layers[1] ReLU: params must be {}")):
+        net.manual_backward(params, jnp.ones((1, 2)), jnp.array([0]))
+
+
+def test_tuple_params_give_tuple_gradients_like_jax_grad():
+    net, params = mlp()
+    params = tuple(params)
+    x, y = jnp.ones((3, 2)), jnp.array([0, 1, 2])
+    manual, auto = net.manual_backward(params, x, y), jax.grad(net.loss)(params, x, y)
+    assert jax.tree.structure(manual) == jax.tree.structure(auto) == jax.tree.structure(params)
+
+
+def test_hyperparameters_are_stored_as_plain_numbers_and_shown():
+    import numpy as np
+
+    assert repr(losses.Hinge(np.float32(0.5))) == "Hinge(margin=0.5)"
+    assert layers.LeakyReLU(np.float64(0.2)).negative_slope == 0.2
+    assert hash(layers.ELU(2)) == hash(layers.ELU(2.0))
+
+
+def test_flatten_keeps_an_empty_batch():
+    y, _ = layers.Flatten().forward({}, jnp.ones((0, 3, 3, 4)))
+    assert y.shape == (0, 36)
+
+
+@pytest.mark.parametrize("dtype, value", [(jnp.int32, 1), (jnp.bool_, False)])
+def test_max_pooling_pads_integers_and_bools_with_their_least_value(dtype, value):
+    x = jnp.full((1, 3, 3, 1), value, dtype)
+    y, _ = layers.MaxPool2D(2, padding=1).forward({}, x)
+    assert y.dtype == dtype and bool(jnp.all(y == value))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: models.cnn((8, 8)),
+     "cnn: input_shape must be (height, width, channels); got (8, 8)"),
+    (lambda: models.cnn(filters=(16,)),
+     "cnn: filters must be a pair (first conv, second conv), e.g. (16, 32); got (16,)"),
+    (lambda: models.mlp(hidden=5),
+     "mlp: hidden must be a sequence of layer widths, e.g. (128,) or (1024, 1024); got 5"),
+])
+def test_model_presets_check_their_arguments(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

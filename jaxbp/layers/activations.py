@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import erf
 
-from .base import Layer
+from .base import Layer, check_parameterless, check_real
 
 
 class OutputResiduals(NamedTuple):
@@ -35,6 +36,7 @@ class Identity(Layer):
     """``y = x``; ``dx = dy``."""
 
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         return x, NoResiduals()
 
     def backward(self, params, residuals, dy):
@@ -47,6 +49,7 @@ class Sigmoid(Layer):
     """``y = σ(x) = 1 / (1 + e^{-x})``."""
 
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         y = jax.nn.sigmoid(x)
         return y, OutputResiduals(y=y)
 
@@ -61,6 +64,7 @@ class Tanh(Layer):
     """``y = tanh(x)``."""
 
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         y = jnp.tanh(x)
         return y, OutputResiduals(y=y)
 
@@ -75,6 +79,7 @@ class ReLU(Layer):
     """``y = max(x, 0)`` (``jax.nn.relu``, whose derivative at 0 is taken as 0)."""
 
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         y = jax.nn.relu(x)
         return y, OutputResiduals(y=y)
 
@@ -93,7 +98,12 @@ class LeakyReLU(Layer):
 
     negative_slope: float = 0.01
 
+    def __post_init__(self):
+        slope = check_real("LeakyReLU", "negative_slope", self.negative_slope)
+        object.__setattr__(self, "negative_slope", slope)
+
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         y = jnp.where(x >= 0, x, self.negative_slope * x)
         return y, InputResiduals(x=x)
 
@@ -108,7 +118,11 @@ class ELU(Layer):
 
     alpha: float = 1.0
 
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", check_real("ELU", "alpha", self.alpha))
+
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         negative = self.alpha * jnp.expm1(jnp.where(x > 0, 0, x))  # no overflow for x > 0
         y = jnp.where(x > 0, x, negative)
         return y, InputResiduals(x=x)
@@ -135,7 +149,14 @@ class GELU(Layer):
 
     approximate: bool = True
 
+    def __post_init__(self):
+        if not isinstance(self.approximate, (bool, np.bool_)):
+            raise ValueError(f"GELU: approximate must be True (the tanh form) or False (erf); "
+                             f"got {self.approximate!r}")
+        object.__setattr__(self, "approximate", bool(self.approximate))
+
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         if self.approximate:
             u = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
             y = 0.5 * x * (1 + jnp.tanh(u))
@@ -166,6 +187,7 @@ class Softplus(Layer):
     """``y = log(1 + eˣ)``, computed stably as ``logaddexp(x, 0)``."""
 
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         return jnp.logaddexp(x, 0.0), InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
@@ -182,6 +204,7 @@ class Softmax(Layer):
     """
 
     def forward(self, params, x):
+        check_parameterless(self.name, params, x)
         y = jax.nn.softmax(x, axis=-1)
         return y, OutputResiduals(y=y)
 

@@ -17,6 +17,7 @@ is ∂L/∂x and has the shape of ``x``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import ClassVar
 
@@ -59,8 +60,18 @@ def default_float_dtype():
     return jnp.result_type(float)
 
 
+def check_array(layer: str, arg: str, x) -> None:
+    """Raise a ValueError unless ``x`` is an array (JAX's or NumPy's, or a tracer)."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+        raise ValueError(
+            f"{layer}: {arg} must be an array (jax.numpy or numpy); got {type(x).__name__}"
+            + (" (convert it with jnp.asarray)" if isinstance(x, (list, tuple)) else "")
+        )
+
+
 def check_rank(layer: str, arg: str, x, rank: int, layout: str) -> None:
-    """Raise a ValueError unless ``x`` has ``rank`` dimensions."""
+    """Raise a ValueError unless ``x`` is an array with ``rank`` dimensions."""
+    check_array(layer, arg, x)
     if x.ndim != rank:
         raise ValueError(
             f"{layer}: {arg} must have rank {rank} {layout}; got shape {tuple(x.shape)} "
@@ -88,11 +99,30 @@ def check_params(layer: str, params, expected: dict) -> None:
     """
     if not isinstance(params, dict) or set(params) != set(expected):
         got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        if not expected:
+            raise ValueError(f"{layer}: params must be {{}} (the layer has no parameters); "
+                             f"got {got}")
         raise ValueError(f"{layer}: params must have the keys {sorted(expected)}; got {got}")
     for name, (shape, layout) in expected.items():
+        check_array(layer, f"params[{name!r}]", params[name])
         got = tuple(params[name].shape)
         if len(got) != len(shape) or any(e not in (None, g) for e, g in zip(shape, got)):
             want = str(tuple("*" if e is None else e for e in shape)).replace("'*'", "*")
             raise ValueError(
                 f"{layer}: params[{name!r}] must have shape {layout} = {want}; got {got}"
             )
+
+
+def check_parameterless(layer: str, params, x) -> None:
+    """A parameterless layer's forward: ``params`` must be ``{}`` and ``x`` an array."""
+    check_params(layer, params, {})
+    check_array(layer, "input x", x)
+
+
+def check_real(where: str, arg: str, value, minimum: float | None = None) -> float:
+    """``value`` as a float; a ValueError unless it is a finite real number (≥ ``minimum``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or (minimum is not None and value < minimum):
+        expected = "a finite number" if minimum is None else f"a finite number >= {minimum}"
+        raise ValueError(f"{where}: {arg} must be {expected}; got {value!r}")
+    return float(value)

@@ -112,6 +112,8 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding=0) -> int:
 
 def window_geometry(layer: str, spatial, kernel, stride, padding):
     """``(pads, out)`` for an input of spatial shape ``(H, W)``: per-dimension pairs and sizes."""
+    for d in range(2):
+        check_int(layer, f"input {_DIMS[d]}", spatial[d])  # an empty image has no windows
     pads = tuple(resolve_pads(padding if isinstance(padding, str) else padding[d],
                               spatial[d], kernel[d], stride[d]) for d in range(2))
     out = tuple(output_size(layer, _DIMS[d], spatial[d], kernel[d], stride[d], pads[d])
@@ -207,10 +209,7 @@ class Conv2D(Layer):
         return params, (h_out, w_out, self.filters)
 
     def forward(self, params, x):
-        expected = {"W": ((*self.kernel_size, None, self.filters), "(kh, kw, C_in, filters)")}
-        if self.use_bias:
-            expected["b"] = ((self.filters,), "(filters,)")
-        check_params("Conv2D", params, expected)
+        check_params("Conv2D", params, self._expected())
         W = params["W"]
         check_rank("Conv2D", "input x", x, 4, "(batch, height, width, channels) NHWC")
         c_in = W.shape[2]
@@ -231,6 +230,13 @@ class Conv2D(Layer):
         if self.use_bias:
             y = y + params["b"][None, None, None, :]
         return y, ConvResiduals(x=x)
+
+    def _expected(self):
+        """The params' keys and shapes (``check_params``); any number of input channels."""
+        expected = {"W": ((*self.kernel_size, None, self.filters), "(kh, kw, C_in, filters)")}
+        if self.use_bias:
+            expected["b"] = ((self.filters,), "(filters,)")
+        return expected
 
     def backward(self, params, residuals, dy):
         """Chain rule through the correlation, one dimension shown (the other is alike).

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import jax
 
-from .base import Layer
+from .base import Layer, check_int, check_parameterless
 
 
 class FlattenResiduals(NamedTuple):
@@ -36,15 +36,18 @@ class Flatten(Layer):
                 f"Flatten: input_shape must have at least one axis (batch axis excluded); "
                 f"got {tuple(input_shape)}"
             )
+        for axis, size in enumerate(input_shape):
+            check_int("Flatten", f"input_shape[{axis}]", size)
         return {}, (math.prod(input_shape),)
 
     def forward(self, params, x):
+        check_parameterless("Flatten", params, x)
         if x.ndim < 2:
             raise ValueError(
                 f"Flatten: input x must have rank >= 2 (batch, ...); got shape "
                 f"{tuple(x.shape)} (rank {x.ndim})"
             )
-        return x.reshape(x.shape[0], -1), FlattenResiduals(x=x)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:])), FlattenResiduals(x=x)  # batch 0 too
 
     def backward(self, params, residuals, dy):
         """dx = dy reshaped back to x's shape: (batch, d1·…·dk) → (batch, d1, …, dk)."""

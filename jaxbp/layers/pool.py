@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .base import Layer, check_rank
+from .base import Layer, check_parameterless, check_rank
 from .conv import as_padding, as_pair, check_image_shape, unread_rows, window_geometry
 
 
@@ -29,6 +29,16 @@ class MaxPoolResiduals(NamedTuple):
 
 class AvgPoolResiduals(NamedTuple):
     x: jax.Array  # the layer's input (backward reads only its shape)
+
+
+def _lowest(dtype):
+    """The padding of max pooling: −∞, or the dtype's least value (integers, bools)."""
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return np.array(-np.inf, dtype)
+    if dtype == np.bool_:
+        return np.array(False)
+    return np.array(jnp.iinfo(dtype).min, dtype)
 
 
 class _Pool(Layer):
@@ -64,7 +74,8 @@ class _Pool(Layer):
         _, (h_out, w_out) = self._geometry((h, w))
         return {}, (h_out, w_out, c)
 
-    def _check_input(self, x):
+    def _check_input(self, params, x):
+        check_parameterless(self.name, params, x)
         check_rank(self.name, "input x", x, 4, "(batch, height, width, channels) NHWC")
         return self._geometry(x.shape[1:3])
 
@@ -97,9 +108,9 @@ class MaxPool2D(_Pool):
     padding: str | tuple
 
     def forward(self, params, x):
-        pads, _ = self._check_input(x)
+        pads, _ = self._check_input(params, x)
         dims, strides = self._windows()
-        y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides,
+        y = lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides,
                               self._pad_config(pads))
         return y, MaxPoolResiduals(x=x, y=y)
 
@@ -122,7 +133,7 @@ class MaxPool2D(_Pool):
         """
         x, y = residuals
         pads, (h_out, w_out) = self._geometry(x.shape[1:3])
-        xp = lax.pad(x, np.array(-np.inf, x.dtype),
+        xp = lax.pad(x, _lowest(x.dtype),
                      [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
         n, hp, wp, c = xp.shape
         (sh, sw), zero = self.stride, np.zeros((), dy.dtype)
@@ -162,7 +173,7 @@ class AvgPool2D(_Pool):
     padding: str | tuple
 
     def forward(self, params, x):
-        pads, _ = self._check_input(x)
+        pads, _ = self._check_input(params, x)
         dims, strides = self._windows()
         total = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, strides,
                                   self._pad_config(pads))
