@@ -95,6 +95,20 @@ def save(path, state: TrainState, config: dict | None = None, history: dict | No
     """Write ``state`` (and JSON-serialisable ``config``, ``history``) to ``path`` atomically."""
     path = os.fspath(path)
     _not_a_directory(path)
+    if not isinstance(state, TrainState):
+        raise ValueError(f"checkpoint.save: state must be a train.TrainState; got "
+                         f"{type(state).__name__}")
+    for name in ("epoch", "step"):
+        value = getattr(state, name)
+        integer = np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.integer)
+        if isinstance(value, bool) or not integer or value < 0:
+            raise ValueError(f"checkpoint.save: state.{name} must be an int >= 0; got {value!r}")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"checkpoint.save: cannot create {path}: {ancestor} is a file, "
+                         f"not a directory")
     tensors = {
         **_named_leaves("params", state.params),
         **_named_leaves("opt_state", state.opt_state),
@@ -134,6 +148,11 @@ def _open(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:  # e.g. permissions: not the file's fault
+        raise OSError(f"checkpoint {path} cannot be read: {err.strerror}") from None
+    try:
         with safetensors.safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -163,16 +182,34 @@ def _open(path: str):
 
 def read_metadata(path) -> dict:
     """``{"epoch", "step", "config", "history"}`` of a checkpoint, without restoring arrays."""
-    return _decode(_open(os.fspath(path))[0])
+    path = os.fspath(path)
+    return _decode(_open(path)[0], path)
 
 
-def _decode(metadata: dict) -> dict:
-    return {
-        "epoch": int(metadata["epoch"]),
-        "step": int(metadata["step"]),
-        "config": json.loads(metadata["config"]),
-        "history": json.loads(metadata["history"]),
-    }
+def _decode(metadata: dict, path: str) -> dict:
+    """The metadata's typed values; a ValueError names the field a corrupt file gets wrong."""
+    decoded = {}
+    for name in ("epoch", "step"):
+        text = metadata[name]
+        if not text.isdigit():
+            raise ValueError(f"checkpoint {path}: metadata field {name} must be an int >= 0; "
+                             f"got {text!r}")
+        decoded[name] = int(text)
+    for name in ("config", "history"):
+        try:
+            value = json.loads(metadata[name])
+        except ValueError as err:
+            raise ValueError(f"checkpoint {path}: metadata field {name} is not valid JSON "
+                             f"({err})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"checkpoint {path}: metadata field {name} must be a JSON "
+                             f"object; got {type(value).__name__}")
+        decoded[name] = value
+    bad = [k for k, v in decoded["history"].items() if not isinstance(v, list)]
+    if bad:
+        raise ValueError(f"checkpoint {path}: metadata field history must map names to "
+                         f"lists; {bad[0]!r} is not a list")
+    return decoded
 
 
 def _describe(a) -> str:
@@ -208,7 +245,11 @@ def restore(path, like: TrainState) -> tuple[TrainState, dict]:
     are truncated or not jaxbp checkpoints.
     """
     path = os.fspath(path)
+    if not isinstance(like, TrainState):
+        raise ValueError(f"checkpoint.restore: like must be a train.TrainState (the state "
+                         f"to restore into); got {type(like).__name__}")
     metadata, tensors = _open(path)
+    decoded = _decode(metadata, path)
     problems: list[str] = []
     params = _fill(path, "params", like.params, tensors, problems)
     opt_state = _fill(path, "opt_state", like.opt_state, tensors, problems)
@@ -221,11 +262,13 @@ def restore(path, like: TrainState) -> tuple[TrainState, dict]:
             f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(shown)
         )
     impl = metadata.get("key_impl")
-    if "key" not in tensors or impl != str(jax.random.key_impl(like.key)):
+    if "key" not in tensors:
+        raise ValueError(f"checkpoint {path} lacks the 'key' array (the PRNG key's raw data)")
+    if impl != str(jax.random.key_impl(like.key)):
         raise ValueError(
             f"checkpoint {path}: PRNG key of implementation {impl!r} cannot restore into a "
             f"{jax.random.key_impl(like.key)} key"
         )
     key = jax.random.wrap_key_data(tensors["key"], impl=impl)
-    state = TrainState(params, opt_state, key, int(metadata["epoch"]), int(metadata["step"]))
-    return state, _decode(metadata)
+    state = TrainState(params, opt_state, key, decoded["epoch"], decoded["step"])
+    return state, decoded

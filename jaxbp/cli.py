@@ -22,18 +22,25 @@ COMMANDS = {
 
 def output_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be written as a file (checked before long work), or ``None``."""
+    if not path:
+        return "expected a file path; got ''"
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return f"expected a file path; {path!r} is a directory"
     if not os.path.isdir(parent):
+        ancestor = parent
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            return f"{ancestor!r} in {path!r} is a file, not a directory"
         return f"directory {parent!r} of {path!r} does not exist"
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
         return f"{path!r} is not writable"
     return None
 
 
-def number(convert, minimum, expected: str, *, strict: bool = False):
-    """An argparse ``type``: ``convert(text)``, finite and ≥ ``minimum`` (> if ``strict``).
+def number(convert, minimum, expected: str, *, strict: bool = False, maximum=math.inf):
+    """An argparse ``type``: ``convert(text)``, ≥ ``minimum`` (> if ``strict``), < ``maximum``.
 
     Anything else is argparse's ``error: argument --flag: expected …; got '…'``
     (exit status 2), before the command does any work.
@@ -45,7 +52,7 @@ def number(convert, minimum, expected: str, *, strict: bool = False):
         except ValueError:
             value = None
         if value is None or not (value > minimum if strict else value >= minimum) \
-                or not value < math.inf:
+                or not value < maximum:
             raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
         return value
 
@@ -54,6 +61,12 @@ def number(convert, minimum, expected: str, *, strict: bool = False):
 
 POSITIVE_INT = number(int, 1, "a positive int")
 NON_NEGATIVE_INT = number(int, 0, "an int ≥ 0")
+SEED = number(int, 0, "an int in [0, 2**32)", maximum=2**32)
+# Rates and factors are float32 in training: larger ones would round to infinity.
+FLOAT32_MAX = 3.4028234663852886e38
+POSITIVE_FLOAT = number(float, 0, "a number > 0 that float32 can hold", strict=True,
+                        maximum=FLOAT32_MAX)
+NON_NEGATIVE_FLOAT = number(float, 0, "a number ≥ 0 that float32 can hold", maximum=FLOAT32_MAX)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +90,17 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args._run(args) or 0)
+    import jax
+
+    try:
+        return int(args._run(args) or 0)
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        first = str(err).strip().splitlines()[0]
+        print(f"jaxbp {args.command}: error: out of device memory ({first}); try a smaller "
+              "model or batch", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import gzip
 import math
+import numbers
 import os
 from typing import NamedTuple
 
 import numpy as np
+
+from .layers.base import check_int, is_int
 
 DATASETS = ("digits", "iris", "breast_cancer", "spirals", "xor", "mnist", "fashion-mnist")
 
@@ -75,6 +78,11 @@ def standardize(x_train, x_test, axis=0):
 def _finish(name, x_train, y_train, x_test, y_test, image: bool) -> Dataset:
     x_train = np.asarray(x_train, np.float64)
     x_test = np.asarray(x_test, np.float64)
+    for split, x in (("train", x_train), ("test", x_test)):
+        bad = x.size - np.count_nonzero(np.isfinite(x))
+        if bad:  # one would turn the whole standardised set into NaN
+            raise ValueError(f"load({name!r}): the {split} features hold {bad} non-finite "
+                             f"value(s) (NaN or ±inf) among {x.size}; clean the data first")
     axis = None if image else 0
     x_train, x_test = standardize(x_train, x_test, axis=axis)
     y_train = np.asarray(y_train, np.int32)
@@ -108,12 +116,21 @@ def _split(name, x, y, test_fraction, seed, image=False) -> Dataset:
     return _finish(name, x_tr, y_tr, x_te, y_te, image)
 
 
+def _check_generator(fn: str, *, noise, seed, **counts) -> None:
+    for arg, value in counts.items():
+        check_int(fn, arg, value)
+    check_int(fn, "seed", seed, 0)
+    if isinstance(noise, bool) or not (isinstance(noise, numbers.Real) and 0 <= noise < math.inf):
+        raise ValueError(f"{fn}: noise must be a finite number >= 0; got {noise!r}")
+
+
 def spirals(n_per_class=200, classes=3, noise=0.2, seed=0):
     """``classes`` interleaved spiral arms in 2-D (the CS231n toy set).
 
     Arm k's points are ``r(sin θ, cos θ)`` with ``r ∈ [0, 1]`` and
     ``θ = 4r + 2πk/K + noise·ε``. Returns ``(x (n, 2), y (n,))``.
     """
+    _check_generator("spirals", n_per_class=n_per_class, classes=classes, noise=noise, seed=seed)
     rng = np.random.default_rng(seed)
     r = np.tile(np.linspace(0.0, 1.0, n_per_class), classes)
     k = np.repeat(np.arange(classes), n_per_class)
@@ -126,6 +143,7 @@ def xor(n=800, noise=0.1, seed=0):
 
     Returns ``(x (n, 2), y (n,))``; no linear model separates the classes.
     """
+    _check_generator("xor", n=n, noise=noise, seed=seed)
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 1.0, size=(n, 2))
     y = (x[:, 0] * x[:, 1] > 0).astype(np.int32)
@@ -204,6 +222,8 @@ def load_idx_dir(data_dir, name="mnist", layout="flat") -> Dataset:
     Expects the four files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``).
     """
+    if layout not in ("flat", "image"):
+        raise ValueError(f"load({name!r}): layout must be 'flat' or 'image'; got {layout!r}")
     if data_dir is None:
         raise ValueError(f"load({name!r}): data_dir is required (a directory with the IDX files)")
     data_dir = os.fspath(data_dir)
@@ -262,6 +282,8 @@ def load(name, *, layout="flat", test_fraction=0.2, seed=0, data_dir=None) -> Da
         raise ValueError(f"load: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if layout not in ("flat", "image"):
         raise ValueError(f"load({name!r}): layout must be 'flat' or 'image'; got {layout!r}")
+    if not (is_int(seed) and 0 <= seed < 2**32):
+        raise ValueError(f"load({name!r}): seed must be an int in [0, 2**32); got {seed!r}")
     if layout == "image" and name not in ("digits", "mnist", "fashion-mnist"):
         raise ValueError(
             f"load({name!r}): layout='image' needs an image dataset (digits, mnist, "

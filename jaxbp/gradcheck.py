@@ -39,6 +39,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
+import numbers
 import warnings
 
 import jax
@@ -90,6 +92,10 @@ def _check_batch(fn: str, x) -> None:
             f"{fn}: x must have a leading batch axis with at least 1 sample; got shape "
             f"{np.shape(x)}"
         )
+    bad = np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))
+    if bad:  # they would make every gradient NaN and the check blame the loss
+        raise ValueError(f"{fn}: x has {bad} non-finite value(s) (NaN or ±inf) among its "
+                         f"{np.size(x)}; gradients are compared at finite inputs only")
 
 
 @contextlib.contextmanager
@@ -156,6 +162,17 @@ def finite_differences(J, theta, index, step: float) -> list[np.ndarray]:
       [2.0, 6.0]
     """
     leaves, treedef = jax.tree.flatten(theta)
+    if not (isinstance(step, numbers.Real) and 0 < step < math.inf):
+        raise ValueError(f"finite_differences: step must be a finite number > 0; got {step!r}")
+    if len(index) != len(leaves):
+        raise ValueError(f"finite_differences: index must list the coordinates of each of "
+                         f"theta's {len(leaves)} leaves; got {len(index)} lists")
+    for n, idx in enumerate(index):
+        size = np.size(leaves[n])
+        if len(idx) and not (0 <= np.min(idx) and np.max(idx) < size):
+            raise ValueError(f"finite_differences: index[{n}] must hold flat indices in "
+                             f"[0, {size}) for leaf {n} of shape {np.shape(leaves[n])}; got "
+                             f"values in [{np.min(idx)}, {np.max(idx)}]")
     host = [np.asarray(v) for v in leaves]
     out = []
     for n, idx in enumerate(index):
@@ -402,6 +419,7 @@ def gradcheck(
     """
     dtype = _dtype_name("gradcheck", dtype)
     check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
+    check_int("gradcheck", "seed", seed, 0)
     _check_batch("gradcheck", x)
     tol = TOLERANCES[dtype]
     notes = _notes(tol, dtype, fd_max_coords, seed)
@@ -509,6 +527,7 @@ def check_layer(
     """
     dtype = _dtype_name("check_layer", dtype)
     check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
+    check_int("check_layer", "seed", seed, 0)
     check_int("check_layer", "batch", batch)
     if np.ndim(input_shape) != 1 or not all(is_int(s) and s >= 1 for s in input_shape):
         raise ValueError(
@@ -527,9 +546,12 @@ def check_layer(
         if x is None:
             x = jax.random.normal(k_x, (batch, *input_shape), jnp.dtype(dtype))
         params, x = _cast((params, x), dtype)
+        y = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x)
         if dy is None:
-            y = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x)
             dy = jax.random.normal(k_dy, y.shape, jnp.dtype(dtype))
+        elif np.shape(dy) != y.shape:
+            raise ValueError(f"check_layer: dy must have the shape of {layer.name}'s output "
+                             f"{y.shape}; got {np.shape(dy)}")
         dy = _cast(dy, dtype)
         theta = (params, x)
         J, (m_params, m_dx), (a_params, a_dx) = jax.device_get(_layer_compute(layer, params, x, dy))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from . import layers, models
-from .cli import NON_NEGATIVE_INT, POSITIVE_INT
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, SEED
 from .gradcheck import FLOAT32_WARNING, gradcheck
 
 
@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
         help="network to check (default: the tutorial's 2-2-2 sigmoid worked example)",
     )
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    parser.add_argument("--seed", type=int, default=0, help="params, data and FD coordinates")
+    parser.add_argument("--seed", type=SEED, default=0, help="params, data and FD coordinates")
     parser.add_argument(
         "--batch", type=POSITIVE_INT, default=4,
         help="batch size (the worked example has one sample)",

@@ -91,8 +91,19 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------- optimizers
 
 
+def _check_rate(fn: str, arg: str, value, strict: bool = False) -> None:
+    """A finite float ``value`` > 0 (``strict``) or ≥ 0; else a ValueError naming it."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool)
+    if not number or not (value > 0 if strict else value >= 0) or not np.isfinite(value):
+        raise ValueError(f"{fn}: {arg} must be a finite number {'>' if strict else '>='} 0; "
+                         f"got {value!r}")
+
+
 def optimizer(name: str, learning_rate: float, momentum: float = 0.9):
     """``"sgd"``, ``"momentum"`` (SGD with ``momentum``) or ``"adam"`` as an optax transform."""
+    _check_rate("optimizer", "learning_rate", learning_rate, strict=True)
+    _check_rate("optimizer", "momentum", momentum)
     if name == "sgd":
         return optax.sgd(learning_rate)
     if name == "momentum":
@@ -179,6 +190,9 @@ def _init(net, opt, key, input_shape, dtype):
 
 def init_state(net, opt, key, input_shape, dtype=None) -> TrainState:
     """Fresh parameters, optimizer state and PRNG key (split from ``key``), in one jitted call."""
+    if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
+        raise ValueError(f"init_state: input_shape must be a tuple of ints (batch axis "
+                         f"excluded), e.g. (64,) or (8, 8, 1); got {input_shape!r}")
     dtype = None if dtype is None else np.dtype(dtype).name
     return TrainState(*_init(net, opt, key, tuple(input_shape), dtype), 0, 0)
 
@@ -214,6 +228,8 @@ def _evaluate(net, params, x, y, batch_sharding):
 
 def evaluate(net, params, x, y, mesh=None):
     """``(L, accuracy)`` over all of ``(x, y)``: the data loss without weight decay, jitted."""
+    if np.shape(x)[:1] in ((), (0,)):
+        raise ValueError(f"evaluate: x must hold at least one sample; got shape {np.shape(x)}")
     return _evaluate(net, params, x, y, parallel.batch_sharding(mesh))
 
 
@@ -286,6 +302,18 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         check_int("fit", name, value)
+    if not isinstance(state, TrainState):
+        raise ValueError(f"fit: state must be a train.TrainState (init_state or a restored "
+                         f"checkpoint); got {type(state).__name__}")
+    missing = [a for a in ("x_train", "y_train", "x_test", "y_test") if not hasattr(data, a)]
+    if missing:
+        raise ValueError(f"fit: data must be a data.Dataset (with x_train, y_train, x_test, "
+                         f"y_test); got {type(data).__name__} without {', '.join(missing)}")
+    for split in ("train", "test"):
+        x = np.asarray(getattr(data, f"x_{split}"))
+        bad = x.size - np.count_nonzero(np.isfinite(x))
+        if bad:
+            raise ValueError(f"fit: x_{split} holds {bad} non-finite value(s) (NaN or ±inf)")
     mesh = parallel.data_mesh(devices)
     n_devices = 1 if mesh is None else mesh.size
     n = len(data.x_train)
@@ -365,6 +393,14 @@ def fit(
     mesh = check_fit_arguments(
         net, state, data, epochs=epochs, batch_size=batch_size, devices=devices
     )
+    if on_epoch is not None and not callable(on_epoch):
+        raise ValueError(f"fit: on_epoch must be callable as on_epoch(state, record) or None; "
+                         f"got {type(on_epoch).__name__}")
+    expected = jax.tree.structure(jax.eval_shape(opt.init, state.params))
+    if jax.tree.structure(state.opt_state) != expected:
+        raise ValueError("fit: state.opt_state is not a state of opt (made by another "
+                         "optimizer?); build the state with init_state(net, opt, key, "
+                         "input_shape)")
     epochs, batch_size = int(epochs), int(batch_size)
     n_devices = 1 if mesh is None else mesh.size
     n = len(data.x_train)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import data
-from .cli import POSITIVE_INT, number, output_file_problem
+from .cli import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, output_file_problem
 
 # Per-model defaults: the plain command reaches ≥ 97% (MLP) / ≥ 98% (CNN) test
 # accuracy on digits within a minute on two CPU cores.
@@ -47,16 +47,16 @@ def add_arguments(parser) -> None:
                         help="hand-written backward (default) or jax.value_and_grad")
     parser.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam"),
                         help="optax optimizer (default adam)")
-    parser.add_argument("--lr", type=number(float, 0, "a finite number > 0", strict=True),
+    parser.add_argument("--lr", type=POSITIVE_FLOAT,
                         help=f"learning rate > 0 ({_per_model('lr')})")
     parser.add_argument("--epochs", type=POSITIVE_INT,
                         help=f"total epochs, counting those of a resumed checkpoint "
                         f"({_per_model('epochs')})")
     parser.add_argument("--batch-size", type=POSITIVE_INT,
                         help=f"samples per step ({_per_model('batch_size')})")
-    parser.add_argument("--weight-decay", type=number(float, 0, "a finite number ≥ 0"),
+    parser.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT,
                         help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² ({_per_model('weight_decay')})")
-    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation and shuffling")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds initialisation and shuffling")
     parser.add_argument("--checkpoint-dir",
                         help="save a checkpoint here after every epoch (created if missing); "
                         "one already there is an error unless --resume continues it")
@@ -65,7 +65,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="PATH",
                         help="save loss and accuracy curves at PATH, in the format of its "
                         "extension (png, pdf, svg, ...); PATH.png when it has none")
-    parser.add_argument("--devices", type=int,
+    parser.add_argument("--devices", type=POSITIVE_INT,
                         help="devices for data parallelism (default: all visible)")
     parser.add_argument("--skip-gradcheck", action="store_true",
                         help="train without checking the gradients first")
@@ -108,6 +108,8 @@ def _config(args) -> dict:
 def _check_paths(args, ckpt: str | None) -> None:
     """Fail before any work on outputs that could not be written (``ValueError``)."""
     directory = args.checkpoint_dir
+    if directory == "":
+        raise ValueError("train: --checkpoint-dir needs a directory path; got ''")
     if ckpt and not args.resume:
         if os.path.exists(ckpt):
             raise ValueError(
@@ -126,7 +128,7 @@ def _check_paths(args, ckpt: str | None) -> None:
             )
     if ckpt and os.path.isdir(directory) and not os.access(directory, os.W_OK):
         raise ValueError(f"train: --checkpoint-dir {directory} is not writable")
-    if args.plot:
+    if args.plot is not None:
         path = plot_path(args.plot)  # a directory is refused even where PATH.png could be written
         problem = output_file_problem(args.plot) or output_file_problem(path)
         if problem:
@@ -228,9 +230,10 @@ def run(args) -> int:
     from . import checkpoint, train
 
     if args.resume and not args.checkpoint_dir:
-        print("error: --resume needs --checkpoint-dir", file=sys.stderr)
+        print("error: train: --resume needs --checkpoint-dir", file=sys.stderr)
         return 2
-    ckpt = os.path.join(args.checkpoint_dir, checkpoint.FILENAME) if args.checkpoint_dir else None
+    ckpt = (None if args.checkpoint_dir is None
+            else os.path.join(args.checkpoint_dir, checkpoint.FILENAME))
     try:
         config = _config(args)
         _check_paths(args, ckpt)
@@ -243,7 +246,12 @@ def run(args) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    net = build_model(config, ds)
+    try:  # e.g. a CNN for images smaller than its two poolings allow
+        net = build_model(config, ds)
+    except ValueError as err:
+        print(f"error: train: --model {config['model']} does not suit {config['dataset']} "
+              f"(input shape {ds.input_shape}): {err}", file=sys.stderr)
+        return 2
     opt = train.optimizer(config["optimizer"], config["lr"])
     state = train.init_state(net, opt, jax.random.key(config["seed"]), ds.input_shape, "float32")
 
@@ -257,6 +265,11 @@ def run(args) -> int:
             return 2
         history = {k: list(v) for k, v in meta["history"].items()}
         print(f"resumed {ckpt} at epoch {state.epoch} (step {state.step})")
+        if state.epoch >= config["epochs"]:
+            print(f"nothing to do: already at epoch {state.epoch} of {config['epochs']}")
+            if args.plot is not None and history.get("epoch"):
+                print(f"saved curves to {plot_history(history, args.plot)}")
+            return 0
 
     print(
         f"{config['dataset']}: {len(ds.x_train)} train / {len(ds.x_test)} test samples of shape "
@@ -294,10 +307,9 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    if not run_history["epoch"]:
-        print(f"nothing to do: already at epoch {state.epoch} of {config['epochs']}")
-        return 0
+    except OSError as err:  # a checkpoint that cannot be written (disk full, permissions)
+        print(f"error: train: cannot write the checkpoint {ckpt}: {err}", file=sys.stderr)
+        return 1
     times, steps = run_history["time"], run_history["steps"]
     steady = len(times) > 1 and times[-1] > times[0]
     rate = (steps - steps / len(times)) / (times[-1] - times[0]) if steady else steps / times[-1]
@@ -309,6 +321,6 @@ def run(args) -> int:
         f"{steps} steps in {times[-1]:.1f} s | device {run_history['device']} | "
         f"wall {time.perf_counter() - start:.1f} s"
     )
-    if args.plot:
+    if args.plot is not None:
         print(f"saved curves to {plot_history(history, args.plot)}")
     return 0

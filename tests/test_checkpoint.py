@@ -212,3 +212,54 @@ def test_cli_resume_matches_uninterrupted_run(tmp_path, capsys):
     assert cli.main([*common, "--epochs", "5", "--checkpoint-dir", str(tmp_path / "no"),
                      "--resume"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_corrupt_metadata_names_the_field(tmp_path):
+    import safetensors
+    import safetensors.numpy
+
+    net, opt = models.mlp(hidden=(3,), classes=2), optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), (2,))
+    good = tmp_path / "good.safetensors"
+    checkpoint.save(good, state)
+    tensors = safetensors.numpy.load_file(good)
+    with safetensors.safe_open(good, framework="numpy") as f:
+        metadata = f.metadata()
+    cases = [("epoch", "-5", "metadata field epoch must be an int >= 0; got '-5'"),
+             ("step", "abc", "metadata field step must be an int >= 0; got 'abc'"),
+             ("config", "{not json", "metadata field config is not valid JSON"),
+             ("config", "[1, 2]", "metadata field config must be a JSON object; got list"),
+             ("history", '{"epoch": 5}',
+              "metadata field history must map names to lists; 'epoch' is not a list")]
+    for i, (field, value, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.safetensors"
+        safetensors.numpy.save_file(tensors, path, metadata={**metadata, field: value})
+        with pytest.raises(ValueError, match=re.escape(f"checkpoint {path}: {message}")):
+            checkpoint.restore(path, like=state)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            checkpoint.read_metadata(path)
+    path = tmp_path / "nokey.safetensors"
+    safetensors.numpy.save_file({k: v for k, v in tensors.items() if k != "key"}, path,
+                                metadata=metadata)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} lacks the 'key' array")):
+        checkpoint.restore(path, like=state)
+
+
+def test_save_and_restore_check_their_arguments(tmp_path):
+    net, opt = models.mlp(hidden=(3,), classes=2), optax.sgd(0.1)
+    state = train.init_state(net, opt, jax.random.key(0), (2,))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint.save: cannot create {afile}/c: "
+                                                   f"{afile} is a file, not a directory")):
+        checkpoint.save(afile / "c", state)
+    with pytest.raises(ValueError, match="checkpoint.save: state must be a train.TrainState; "
+                       "got NoneType"):
+        checkpoint.save(tmp_path / "c", None)
+    with pytest.raises(ValueError, match="checkpoint.save: state.epoch must be an int >= 0; "
+                       "got -1"):
+        checkpoint.save(tmp_path / "c", state._replace(epoch=-1))
+    checkpoint.save(tmp_path / "c", state._replace(epoch=jax.numpy.int32(3)))
+    with pytest.raises(ValueError, match="checkpoint.restore: like must be a train.TrainState"):
+        checkpoint.restore(tmp_path / "c", like=state.params)
+    assert checkpoint.restore(tmp_path / "c", like=state)[0].epoch == 3

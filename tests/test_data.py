@@ -190,3 +190,27 @@ def test_mnist_inconsistent_files(tmp_path):
         with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: class labels must be "
                            rf"non-negative integers; got 1 invalid label\(s\), e.g. {shown}"):
             data.load("mnist", data_dir=tmp_path)
+
+
+def test_non_finite_features_are_refused_by_the_loader(tmp_path):
+    arrays = _write_mnist(tmp_path, compress=False)
+    images = arrays["train-images-idx3-ubyte"].astype(np.float32)
+    images[0, 0, 0] = np.nan
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(images))
+    with pytest.raises(ValueError, match=r"load\('mnist'\): the train features hold 1 non-finite "
+                       r"value\(s\) \(NaN or ±inf\) among 300; clean the data first"):
+        data.load("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: data.load("iris", seed=-1), r"load\('iris'\): seed must be an int in \[0, 2\*\*32\); "
+                                         r"got -1"),
+    (lambda: data.spirals(classes=-1), "spirals: classes must be a positive int; got -1"),
+    (lambda: data.xor(n=0), "xor: n must be a positive int; got 0"),
+    (lambda: data.xor(noise=float("inf")), "xor: noise must be a finite number >= 0; got inf"),
+    (lambda: data.load_idx_dir("/nowhere", layout="bogus"),
+     r"load\('mnist'\): layout must be 'flat' or 'image'; got 'bogus'"),
+])
+def test_loaders_and_generators_check_their_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -327,9 +327,37 @@ def test_cli_cnn_float32_notes_without_a_raw_warning(capsys):
     (["--batch", "0"], "argument --batch: expected a positive int; got '0'"),
     (["--fd-coords", "-1"], "argument --fd-coords: expected an int ≥ 0; got '-1'"),
     (["--fd-coords", "x"], "argument --fd-coords: expected an int ≥ 0; got 'x'"),
+    (["--seed", "-1"], "argument --seed: expected an int in [0, 2**32); got '-1'"),
 ])  # fmt: skip
 def test_cli_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["gradcheck", *argv])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().endswith(f"jaxbp gradcheck: error: {message}")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gradcheck(*models.worked_example(), seed=-1), "gradcheck: seed must be an int >= 0; "
+                                                           "got -1"),
+    (lambda: check_layer(layers.Dense(3), (4,), seed=-1),
+     "check_layer: seed must be an int >= 0; got -1"),
+    (lambda: check_layer(layers.Dense(3), (4,), dy=jnp.ones((2, 2))),
+     "check_layer: dy must have the shape of Dense's output (3, 3); got (2, 2)"),
+    (lambda: finite_differences(lambda t: 0.0, {"w": np.ones(3)}, [[0]], 0.0),
+     "finite_differences: step must be a finite number > 0; got 0.0"),
+    (lambda: finite_differences(lambda t: 0.0, {"w": np.ones(3)}, [[0, 5]], 1e-3),
+     "finite_differences: index[0] must hold flat indices in [0, 3) for leaf 0 of shape (3,); "
+     "got values in [0, 5]"),
+    (lambda: finite_differences(lambda t: 0.0, {"w": np.ones(3)}, [], 1e-3),
+     "finite_differences: index must list the coordinates of each of theta's 1 leaves; got 0"),
+])
+def test_gradcheck_tools_check_their_arguments(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+def test_non_finite_inputs_are_refused_not_blamed_on_the_loss():
+    net, params, x, y = models.worked_example()
+    with pytest.raises(ValueError, match=re.escape("gradcheck: x has 1 non-finite value(s) (NaN "
+                                                   "or ±inf) among its 2")):
+        gradcheck(net, params, x.at[0, 1].set(jnp.nan), y)

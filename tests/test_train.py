@@ -290,3 +290,51 @@ def test_cli_trains_the_cnn_on_digit_images(capsys):
     assert rc == 0, out
     assert "(8, 8, 1), 10 classes; cnn with 358 parameters" in out
     assert "gradcheck (float64, one batch of 64): OK" in out
+
+
+def _iris_state(opt):
+    net = models.mlp(hidden=(4,), classes=3)
+    return net, train.init_state(net, opt, jax.random.key(0), (4,)), data.load("iris")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: train.optimizer("adam", -1.0),
+     "optimizer: learning_rate must be a finite number > 0; got -1.0"),
+    (lambda: train.optimizer("sgd", float("nan")),
+     "optimizer: learning_rate must be a finite number > 0; got nan"),
+    (lambda: train.optimizer("momentum", 0.1, momentum="a"),
+     "optimizer: momentum must be a finite number >= 0; got 'a'"),
+    (lambda: train.init_state(models.mlp(), optax.sgd(0.1), jax.random.key(0), 4),
+     "init_state: input_shape must be a tuple of ints (batch axis excluded), e.g. (64,) or "
+     "(8, 8, 1); got 4"),
+])
+def test_optimizer_and_init_state_check_their_arguments(call, message):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+def test_fit_refuses_what_it_cannot_train_with_before_any_step():
+    opt = optax.adam(1e-3)
+    net, state, ds = _iris_state(opt)
+    nan = ds._replace(x_train=ds.x_train.copy())
+    nan.x_train[3, 1] = np.nan
+    cases = [
+        (dict(opt=optax.sgd(0.1, momentum=0.9)), "fit: state.opt_state is not a state of opt"),
+        (dict(data=None), "fit: data must be a data.Dataset (with x_train, y_train, x_test, "
+                          "y_test); got NoneType without x_train"),
+        (dict(state=state.params), "fit: state must be a train.TrainState"),
+        (dict(on_epoch=5), "fit: on_epoch must be callable as on_epoch(state, record) or None; "
+                           "got int"),
+        (dict(data=nan), "fit: x_train holds 1 non-finite value(s) (NaN or ±inf)"),
+    ]
+    for change, message in cases:
+        args = {"opt": opt, "state": state, "data": ds, **change}
+        on_epoch = args.pop("on_epoch", None)
+        with pytest.raises(ValueError, match=__import__("re").escape(message)):
+            train.fit(net, args["opt"], args["state"], args["data"], epochs=1, batch_size=8,
+                      on_epoch=on_epoch)
+    with pytest.raises(ValueError, match="evaluate: x must hold at least one sample; got "
+                       r"shape \(0, 4\)"):
+        train.evaluate(net, state.params, ds.x_test[:0], ds.y_test[:0])

@@ -12,7 +12,9 @@ BAD_OPTIONS = [
     (["--model", "cnn", "--filters", "4"],
      "train: --filters must be two comma-separated positive ints (one per conv layer); got '4'"),
     (["--batch-size", "1000"], "fit: batch_size 1000 exceeds the 120 training samples"),
-    (["--devices", "0"], "parallel: devices must be an int in [1, 1]"),
+    (["--devices", "2"], "parallel: devices must be an int in [1, 1]"),
+    (["--plot", ""], "train: --plot: expected a file path; got ''"),
+    (["--checkpoint-dir", ""], "train: --checkpoint-dir needs a directory path; got ''"),
 ]
 
 
@@ -30,16 +32,22 @@ def test_bad_option_is_an_error_before_training(capsys, options, message):
 
 
 BAD_NUMBERS = [
-    (["--weight-decay", "-1"], "argument --weight-decay: expected a finite number ≥ 0; got '-1'"),
-    (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number ≥ 0; got 'inf'"),
+    (["--weight-decay", "-1"],
+     "argument --weight-decay: expected a number ≥ 0 that float32 can hold; got '-1'"),
+    (["--weight-decay", "inf"],
+     "argument --weight-decay: expected a number ≥ 0 that float32 can hold; got 'inf'"),
     (["--epochs", "-3"], "argument --epochs: expected a positive int; got '-3'"),
     (["--epochs", "0"], "argument --epochs: expected a positive int; got '0'"),
     (["--epochs", "2.5"], "argument --epochs: expected a positive int; got '2.5'"),
-    (["--lr", "-1"], "argument --lr: expected a finite number > 0; got '-1'"),
-    (["--lr", "0"], "argument --lr: expected a finite number > 0; got '0'"),
-    (["--lr", "nan"], "argument --lr: expected a finite number > 0; got 'nan'"),
+    (["--lr", "-1"], "argument --lr: expected a number > 0 that float32 can hold; got '-1'"),
+    (["--lr", "0"], "argument --lr: expected a number > 0 that float32 can hold; got '0'"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0 that float32 can hold; got 'nan'"),
     (["--batch-size", "0"], "argument --batch-size: expected a positive int; got '0'"),
     (["--batch-size", "-5"], "argument --batch-size: expected a positive int; got '-5'"),
+    (["--lr", "1e300"], "argument --lr: expected a number > 0 that float32 can hold; got '1e300'"),
+    (["--seed", "-1"], "argument --seed: expected an int in [0, 2**32); got '-1'"),
+    (["--seed", str(2**70)], f"argument --seed: expected an int in [0, 2**32); got '{2**70}'"),
+    (["--devices", "0"], "argument --devices: expected a positive int; got '0'"),
 ]
 
 
@@ -110,3 +118,63 @@ def test_help_states_the_defaults(capsys):
                      "default per model: mlp 0.001, cnn 0.001",
                      "default per model: mlp 30, cnn 25"):
         assert expected in text
+
+
+def test_a_file_in_the_output_path_is_named_as_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    rc, err = _train(capsys, "--plot", str(afile / "x.png"))
+    assert rc == 2 and f"train: --plot: {str(afile)!r} in " in err
+    assert "is a file, not a directory" in err
+
+
+def test_a_model_that_does_not_suit_the_images_is_a_usage_error(tmp_path, capsys):
+    from tests.test_data import _write_mnist
+
+    _write_mnist(tmp_path, size=2)  # 2×2 images: too small for the CNN's two poolings
+    rc = cli.main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "cnn",
+                   "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("error: train: --model cnn does not suit mnist (input shape (2, 2, 1)): "
+                        "cnn: input_shape must be (height, width, channels) with height and "
+                        "width >= 4") in err, err
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, capsys,
+                                                                      monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "1", "--skip-gradcheck",
+                   "--checkpoint-dir", str(tmp_path / "ck")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: train: cannot write the checkpoint " in err
+    assert "No space left on device" in err
+
+
+def test_resuming_a_finished_run_neither_checks_nor_trains(tmp_path, capsys):
+    ck = str(tmp_path / "ck")
+    assert cli.main(["train", "--dataset", "iris", "--epochs", "1", "--skip-gradcheck",
+                     "--checkpoint-dir", ck]) == 0
+    capsys.readouterr()
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "1", "--checkpoint-dir", ck,
+                   "--resume", "--plot", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "nothing to do: already at epoch 1 of 1" in out
+    assert "gradcheck" not in out and (tmp_path / "c.png").exists()
+
+
+def test_out_of_device_memory_is_a_one_line_error(capsys, monkeypatch):
+    import jax
+
+    from jaxbp import train_cli
+
+    def exhausted(args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 41 bytes")
+
+    monkeypatch.setattr(train_cli, "run", exhausted)
+    assert cli.main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jaxbp train: error: out of device memory (RESOURCE_EXHAUSTED: Out of "
+                          "memory allocating 41 bytes)")
