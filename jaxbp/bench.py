@@ -110,7 +110,9 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def _temp_bytes(compiled) -> int | None:
+def temp_bytes(compiled) -> int | None:
+    """Temporary memory of a compiled program (XLA's memory analysis: inputs, outputs and
+    parameters excluded), or ``None`` where the backend does not report it."""
     memory = compiled.memory_analysis()
     return None if memory is None else int(memory.temp_size_in_bytes)
 
@@ -354,7 +356,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
         donate = (0, 1) if variant == "train" else ()
         compiled, seconds = _compile(fn, *args, donate_argnums=donate)
         rows[variant] = {"variant": variant, "compile_s": seconds, "flops": _flops(compiled),
-                         "temp_bytes": _temp_bytes(compiled), "steps_per_call": 1}
+                         "temp_bytes": temp_bytes(compiled), "steps_per_call": 1}
         if variant == "train":
             state = jax.tree.map(jnp.copy, (params, opt_state))
             timers[variant] = _stateful(compiled, state, (x, y))

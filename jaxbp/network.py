@@ -168,7 +168,9 @@ class Sequential:
         return y_hat, trace
 
     # -------------------------------------------------------------------- loss
-    def _decay_value(self, params):
+    def weight_penalty(self, params):
+        """``s = λ/2 Σ ‖W‖_F²`` over weight matrices and kernels (``J = L + s``; 0 when λ = 0)."""
+        self._check_params(params)
         if self.weight_decay == 0.0:
             return 0.0
         total = 0.0
@@ -188,7 +190,7 @@ class Sequential:
     def loss(self, params, x, y):
         """``J = L(forward(x), y) + λ/2 Σ ‖W‖²`` (a scalar)."""
         y_hat = self._forward(params, x)[0]
-        return self._data_loss(y_hat, y)[0] + self._decay_value(params)
+        return self._data_loss(y_hat, y)[0] + self.weight_penalty(params)
 
     @property
     def loss_with_manual_grad(self):
@@ -252,7 +254,7 @@ class Sequential:
                 grads[start:stop], signals[start:stop] = seg_grads, seg_signals
         if isinstance(params, tuple):
             grads = tuple(grads)  # the pytree of params, as jax.grad returns it
-        return L + self._decay_value(params), grads, signals
+        return L + self.weight_penalty(params), grads, signals
 
     def _remat_segment(self, start: int, stop: int, seg_params, a, dy):
         """Recompute layers ``start … stop − 1`` from their stored input ``a``, then walk back.

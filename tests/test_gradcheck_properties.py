@@ -4,7 +4,7 @@ Random dense networks (depth 1–5, every activation, every loss, weight decay,
 batch 1–16) and random convolutional ones (1–4 Conv2D / MaxPool2D / AvgPool2D
 blocks of every geometry, then Flatten and Dense) must give ``report.ok``.
 Shapes are tiny and finite differences check 3 coordinates per leaf, so each
-example costs about one small compile; the "ci" profile is derandomized.
+example costs about one small compile; the default "repeatable" profile is derandomized.
 """
 
 import jax
