@@ -134,6 +134,9 @@ def _check_paths(args, ckpt: str | None) -> None:
         if problem:
             raise ValueError(f"train: --plot: {problem}")
         extension = os.path.splitext(path)[1][1:].lower()
+        if not extension:  # "curves." names no format
+            raise ValueError(f"train: --plot {args.plot}: ends in '.' with no format after it; "
+                             f"use one of {', '.join(sorted(_plot_formats()))}")
         if extension not in _plot_formats():
             raise ValueError(
                 f"train: --plot {args.plot}: cannot write .{extension} files; use one of "
@@ -303,6 +306,9 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         if ckpt and os.path.exists(ckpt):
             print(f"the last good checkpoint is {ckpt} (epoch {err.epoch - 1})", file=sys.stderr)
+        elif not ckpt:
+            print("nothing was saved (pass --checkpoint-dir to keep the last good epoch)",
+                  file=sys.stderr)
         return 1
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -241,3 +241,19 @@ def test_integer_one_hot_targets_are_probability_targets():
         value, grad = ce.value_and_grad(z, one_hot)
         ref_value, ref_grad = ce.value_and_grad(z, labels)
         assert value == ref_value and jnp.array_equal(grad, ref_grad)
+
+
+def test_weight_penalty_is_s_of_j_equals_l_plus_s():
+    net = Sequential([layers.Dense(3), layers.ReLU(), layers.Dense(2)],
+                     loss=losses.SoftmaxCrossEntropy(), weight_decay=0.3)
+    params = net.init(jax.random.key(0), (4,))
+    x, y = jax.random.normal(jax.random.key(1), (5, 4)), jnp.array([0, 1, 0, 1, 1])
+    s = net.weight_penalty(params)  # biases excluded
+    expected = 0.15 * (jnp.sum(params[0]["W"] ** 2) + jnp.sum(params[2]["W"] ** 2))
+    assert abs(float(s - expected)) < 1e-15
+    no_decay = Sequential(net.layers, loss=net.loss_fn)
+    assert abs(float(net.loss(params, x, y) - no_decay.loss(params, x, y) - s)) < 1e-14
+    assert no_decay.weight_penalty(params) == 0.0
+    with pytest.raises(ValueError, match="Sequential: params must be a list with one dict per "
+                       r"layer \(3\); got 2"):
+        net.weight_penalty(params[:2])
