@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .base import Layer, check_int, check_params, check_rank, default_float_dtype, is_int
-from .dense import INITIALIZERS
+from .dense import INITIALIZERS, check_init
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _DIMS = ("height", "width")
@@ -184,15 +184,11 @@ class Conv2D(Layer):
     def __init__(self, filters: int, kernel_size, stride=1, padding=0,
                  init: str = "lecun_normal", use_bias: bool = True):
         check_int("Conv2D", "filters", filters)
-        if init not in INITIALIZERS:
-            raise ValueError(
-                f"Conv2D: init must be one of {sorted(INITIALIZERS)}; got {init!r}"
-            )
         object.__setattr__(self, "filters", int(filters))
         object.__setattr__(self, "kernel_size", as_pair("Conv2D", "kernel_size", kernel_size))
         object.__setattr__(self, "stride", as_pair("Conv2D", "stride", stride))
         object.__setattr__(self, "padding", as_padding("Conv2D", padding))
-        object.__setattr__(self, "init_scheme", init)
+        object.__setattr__(self, "init_scheme", check_init("Conv2D", init))
         object.__setattr__(self, "use_bias", bool(use_bias))
 
     def _geometry(self, spatial):

@@ -17,6 +17,13 @@ INITIALIZERS = {
 }
 
 
+def check_init(layer: str, init) -> str:
+    """``init`` if it names one of ``INITIALIZERS``; a ValueError naming ``layer`` otherwise."""
+    if init not in INITIALIZERS:
+        raise ValueError(f"{layer}: init must be one of {sorted(INITIALIZERS)}; got {init!r}")
+    return init
+
+
 class DenseResiduals(NamedTuple):
     x: jax.Array  # the layer's input, (batch, in)
 
@@ -52,12 +59,8 @@ class Dense(Layer):
 
     def __init__(self, units: int, init: str = "lecun_normal", use_bias: bool = True):
         check_int("Dense", "units", units)
-        if init not in INITIALIZERS:
-            raise ValueError(
-                f"Dense: init must be one of {sorted(INITIALIZERS)}; got {init!r}"
-            )
         object.__setattr__(self, "units", int(units))
-        object.__setattr__(self, "init_scheme", init)
+        object.__setattr__(self, "init_scheme", check_init("Dense", init))
         object.__setattr__(self, "use_bias", bool(use_bias))
 
     def init(self, key, input_shape, dtype=None):
