@@ -12,6 +12,8 @@ import math
 import os
 import sys
 
+import numpy as np
+
 # command name -> (module, one-line help)
 COMMANDS = {
     "gradcheck": ("jaxbp.gradcheck_cli", "check a network's manual backward against autodiff"),
@@ -62,11 +64,17 @@ def number(convert, minimum, expected: str, *, strict: bool = False, maximum=mat
 POSITIVE_INT = number(int, 1, "a positive int")
 NON_NEGATIVE_INT = number(int, 0, "an int ≥ 0")
 SEED = number(int, 0, "an int in [0, 2**32)", maximum=2**32)
-# Rates and factors are float32 in training: larger ones would round to infinity.
-FLOAT32_MAX = 3.4028234663852886e38
-POSITIVE_FLOAT = number(float, 0, "a number > 0 that float32 can hold", strict=True,
-                        maximum=FLOAT32_MAX)
-NON_NEGATIVE_FLOAT = number(float, 0, "a number ≥ 0 that float32 can hold", maximum=FLOAT32_MAX)
+
+
+def _as_float32(text: str) -> float:
+    """``text`` rounded to float32, as training uses it (1e300 becomes inf, 1e-50 zero)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(float(text)))
+
+
+# Rates and factors are float32 in training: they must survive the rounding.
+POSITIVE_FLOAT = number(_as_float32, 0, "a number > 0 that float32 can hold", strict=True)
+NON_NEGATIVE_FLOAT = number(_as_float32, 0, "a number ≥ 0 that float32 can hold")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import gzip
 import math
-import numbers
 import os
 from typing import NamedTuple
 
 import numpy as np
 
-from .layers.base import check_int, is_int
+from .layers.base import check_int, is_int, is_real
 
 DATASETS = ("digits", "iris", "breast_cancer", "spirals", "xor", "mnist", "fashion-mnist")
 
@@ -119,8 +118,9 @@ def _split(name, x, y, test_fraction, seed, image=False) -> Dataset:
 def _check_generator(fn: str, *, noise, seed, **counts) -> None:
     for arg, value in counts.items():
         check_int(fn, arg, value)
-    check_int(fn, "seed", seed, 0)
-    if isinstance(noise, bool) or not (isinstance(noise, numbers.Real) and 0 <= noise < math.inf):
+    if seed is not None:  # None: fresh entropy, as numpy.random.default_rng(None)
+        check_int(fn, "seed", seed, 0)
+    if not (is_real(noise) and 0 <= noise < math.inf):
         raise ValueError(f"{fn}: noise must be a finite number >= 0; got {noise!r}")
 
 

@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import numbers
 import warnings
 
 import jax
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gradcheck_report import GradReport, Row
-from .layers.base import check_int, is_int
+from .layers.base import check_int, is_int, is_real
 
 _KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
 
@@ -162,7 +161,7 @@ def finite_differences(J, theta, index, step: float) -> list[np.ndarray]:
       [2.0, 6.0]
     """
     leaves, treedef = jax.tree.flatten(theta)
-    if not (isinstance(step, numbers.Real) and 0 < step < math.inf):
+    if not (is_real(step) and 0 < step < math.inf):
         raise ValueError(f"finite_differences: step must be a finite number > 0; got {step!r}")
     if len(index) != len(leaves):
         raise ValueError(f"finite_differences: index must list the coordinates of each of "
@@ -420,6 +419,7 @@ def gradcheck(
     dtype = _dtype_name("gradcheck", dtype)
     check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
     check_int("gradcheck", "seed", seed, 0)
+    seed = int(seed)
     _check_batch("gradcheck", x)
     tol = TOLERANCES[dtype]
     notes = _notes(tol, dtype, fd_max_coords, seed)
@@ -528,6 +528,7 @@ def check_layer(
     dtype = _dtype_name("check_layer", dtype)
     check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
     check_int("check_layer", "seed", seed, 0)
+    seed = int(seed)
     check_int("check_layer", "batch", batch)
     if np.ndim(input_shape) != 1 or not all(is_int(s) and s >= 1 for s in input_shape):
         raise ValueError(

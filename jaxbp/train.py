@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from . import parallel
-from .layers.base import check_int
+from .layers.base import check_int, is_real
 
 GRADS = ("manual", "autodiff")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -74,6 +74,11 @@ class TrainState(NamedTuple):
     step: int = 0
 
 
+def is_train_state(state) -> bool:
+    """A ``TrainState`` (judged by its fields, so it survives a reload of this module)."""
+    return isinstance(state, tuple) and getattr(state, "_fields", None) == TrainState._fields
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; ``state`` is the last good state (end of the previous epoch)."""
 
@@ -92,10 +97,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _check_rate(fn: str, arg: str, value, strict: bool = False) -> None:
-    """A finite float ``value`` > 0 (``strict``) or ≥ 0; else a ValueError naming it."""
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool)
-    if not number or not (value > 0 if strict else value >= 0) or not np.isfinite(value):
+    """A finite number ``value`` > 0 (``strict``) or ≥ 0, or an optax schedule (a callable)."""
+    if callable(value):
+        return
+    if not is_real(value) or not (value > 0 if strict else value >= 0) or not np.isfinite(value):
         raise ValueError(f"{fn}: {arg} must be a finite number {'>' if strict else '>='} 0; "
                          f"got {value!r}")
 
@@ -292,26 +297,45 @@ def _fits_on_device(nbytes: int) -> bool:
     return nbytes <= limit // 4
 
 
-def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, devices=None):
+def _count_non_finite(x) -> int:
+    """Entries of ``x`` that are NaN or ±inf, counted where ``x`` lives (host or device)."""
+    if isinstance(x, np.ndarray):
+        return int(x.size - np.count_nonzero(np.isfinite(x)))
+    return int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+
+
+def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, devices=None,
+                        opt=None, on_epoch=None):
     """Raise ``ValueError`` for arguments ``fit`` cannot train with; return the mesh.
 
-    Cheap (no FLOPs), so callers can check before any expensive work: ``epochs``
-    and ``batch_size`` are positive ints, ``batch_size`` fits the training split
-    and divides over the devices, and the labels of both splits suit the
-    network's output (e.g. integer labels lie in ``[0, classes)``).
+    Cheap (one pass over the data, no training FLOPs), so callers can check before
+    any expensive work: ``epochs`` and ``batch_size`` are positive ints,
+    ``batch_size`` fits the training split and divides over the devices, ``state``
+    is a ``TrainState`` (and, given ``opt``, holds a state of ``opt``), ``data``
+    has both splits with finite features, ``on_epoch`` is callable or ``None``,
+    and the labels of both splits suit the network's output (e.g. integer labels
+    lie in ``[0, classes)``).
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         check_int("fit", name, value)
-    if not isinstance(state, TrainState):
+    if on_epoch is not None and not callable(on_epoch):
+        raise ValueError(f"fit: on_epoch must be callable as on_epoch(state, record) or None; "
+                         f"got {type(on_epoch).__name__}")
+    if not is_train_state(state):
         raise ValueError(f"fit: state must be a train.TrainState (init_state or a restored "
                          f"checkpoint); got {type(state).__name__}")
     missing = [a for a in ("x_train", "y_train", "x_test", "y_test") if not hasattr(data, a)]
     if missing:
         raise ValueError(f"fit: data must be a data.Dataset (with x_train, y_train, x_test, "
                          f"y_test); got {type(data).__name__} without {', '.join(missing)}")
+    if opt is not None:
+        expected = jax.tree.structure(jax.eval_shape(opt.init, state.params))
+        if jax.tree.structure(state.opt_state) != expected:
+            raise ValueError("fit: state.opt_state is not a state of opt (made by another "
+                             "optimizer?); build the state with init_state(net, opt, key, "
+                             "input_shape)")
     for split in ("train", "test"):
-        x = np.asarray(getattr(data, f"x_{split}"))
-        bad = x.size - np.count_nonzero(np.isfinite(x))
+        bad = _count_non_finite(getattr(data, f"x_{split}"))
         if bad:
             raise ValueError(f"fit: x_{split} holds {bad} non-finite value(s) (NaN or ±inf)")
     mesh = parallel.data_mesh(devices)
@@ -390,17 +414,8 @@ def fit(
       NonFiniteLossError: the loss became NaN or Inf; names the epoch and the
         step; ``on_epoch`` is not called for that epoch.
     """
-    mesh = check_fit_arguments(
-        net, state, data, epochs=epochs, batch_size=batch_size, devices=devices
-    )
-    if on_epoch is not None and not callable(on_epoch):
-        raise ValueError(f"fit: on_epoch must be callable as on_epoch(state, record) or None; "
-                         f"got {type(on_epoch).__name__}")
-    expected = jax.tree.structure(jax.eval_shape(opt.init, state.params))
-    if jax.tree.structure(state.opt_state) != expected:
-        raise ValueError("fit: state.opt_state is not a state of opt (made by another "
-                         "optimizer?); build the state with init_state(net, opt, key, "
-                         "input_shape)")
+    mesh = check_fit_arguments(net, state, data, epochs=epochs, batch_size=batch_size,
+                               devices=devices, opt=opt, on_epoch=on_epoch)
     epochs, batch_size = int(epochs), int(batch_size)
     n_devices = 1 if mesh is None else mesh.size
     n = len(data.x_train)

@@ -144,6 +144,10 @@ def _check_paths(args, ckpt: str | None) -> None:
             )
 
 
+class _CheckpointWriteError(Exception):
+    """The checkpoint after an epoch could not be written."""
+
+
 def build_model(config: dict, ds):
     """The network a config describes (``model`` "mlp" or "cnn") for dataset ``ds``."""
     from . import models
@@ -163,6 +167,10 @@ def _check_resume(path: str, config: dict) -> dict:
     from . import checkpoint
 
     meta = checkpoint.read_metadata(path)
+    bad = [k for k, v in meta["history"].items() if not isinstance(v, list)]
+    if bad:  # jaxbp train saves one list entry per epoch
+        raise ValueError(f"checkpoint {path}: its history must map names to per-epoch lists; "
+                         f"{bad[0]!r} is not a list")
     saved = meta["config"]
     differ = [k for k in STRUCTURAL if saved.get(k) != config[k]]
     if differ:
@@ -295,7 +303,11 @@ def run(args) -> int:
         for k, v in record.items():
             history.setdefault(k, []).append(v)
         if ckpt and jax.process_index() == 0:  # one writer when several hosts train
-            checkpoint.save(ckpt, state, config=config, history=history)
+            try:
+                checkpoint.save(ckpt, state, config=config, history=history)
+            except OSError as err:  # disk full, permissions: stop, naming the file
+                raise _CheckpointWriteError(f"train: cannot write the checkpoint {ckpt}: "
+                                            f"{err}") from None
 
     try:
         state, run_history = train.fit(
@@ -313,8 +325,8 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a checkpoint that cannot be written (disk full, permissions)
-        print(f"error: train: cannot write the checkpoint {ckpt}: {err}", file=sys.stderr)
+    except _CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     times, steps = run_history["time"], run_history["steps"]
     steady = len(times) > 1 and times[-1] > times[0]

@@ -260,3 +260,24 @@ def test_max_pooling_pads_integers_and_bools_with_their_least_value(dtype, value
 def test_model_presets_check_their_arguments(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_numpy_and_jax_scalars_count_as_numbers():
+    import numpy as np
+
+    from jaxbp import data, finite_differences, train
+
+    assert layers.LeakyReLU(jnp.float32(0.25)).negative_slope == 0.25
+    assert repr(losses.Hinge(jnp.asarray(2.0))) == "Hinge(margin=2.0)"
+    assert layers.Dense(jnp.int32(3)).units == 3 and type(layers.Dense(np.int64(3)).units) is int
+    assert data.xor(n=jnp.int32(10))[0].shape == (10, 2)
+    assert data.spirals(n_per_class=3, seed=None)[0].shape == (9, 2)  # fresh entropy
+    fd = finite_differences(lambda t: jnp.sum(t["w"] ** 2), {"w": np.ones(2)}, [[0]],
+                            jnp.float64(1e-3))
+    assert abs(fd[0][0] - 2.0) < 1e-9
+    train.optimizer("adam", jnp.float32(1e-3))
+    train.optimizer("sgd", __import__("optax").linear_schedule(1e-2, 1e-3, 100))
+    with pytest.raises(ValueError, match="Dense: units must be a positive int; got True"):
+        layers.Dense(True)
+    with pytest.raises(ValueError, match="ELU: alpha must be a finite number"):
+        layers.ELU(np.bool_(True))

@@ -1,5 +1,6 @@
 """``jaxbp train`` rejects bad options with ``error: …`` and exit status 2, before any training."""
 
+import jax
 import pytest
 
 from jaxbp import checkpoint, cli
@@ -12,7 +13,8 @@ BAD_OPTIONS = [
     (["--model", "cnn", "--filters", "4"],
      "train: --filters must be two comma-separated positive ints (one per conv layer); got '4'"),
     (["--batch-size", "1000"], "fit: batch_size 1000 exceeds the 120 training samples"),
-    (["--devices", "2"], "parallel: devices must be an int in [1, 1]"),
+    (["--devices", str(len(jax.devices()) + 1)],
+     f"parallel: devices must be an int in [1, {len(jax.devices())}]"),
     (["--plot", ""], "train: --plot: expected a file path; got ''"),
     (["--checkpoint-dir", ""], "train: --checkpoint-dir needs a directory path; got ''"),
 ]
@@ -178,3 +180,37 @@ def test_out_of_device_memory_is_a_one_line_error(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("jaxbp train: error: out of device memory (RESOURCE_EXHAUSTED: Out of "
                           "memory allocating 41 bytes)")
+
+
+def test_a_resumed_history_must_hold_per_epoch_lists(tmp_path, capsys):
+    import json
+
+    import safetensors
+    import safetensors.numpy
+
+    ck = tmp_path / "ck"
+    assert cli.main(["train", "--dataset", "iris", "--epochs", "1", "--skip-gradcheck",
+                     "--checkpoint-dir", str(ck)]) == 0
+    path = ck / checkpoint.FILENAME
+    tensors = safetensors.numpy.load_file(path)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        metadata = f.metadata()
+    metadata["history"] = json.dumps({"epoch": 5})
+    safetensors.numpy.save_file(tensors, path, metadata=metadata)
+    capsys.readouterr()
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "2", "--checkpoint-dir", str(ck),
+                   "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and (f"checkpoint {path}: its history must map names to per-epoch lists; "
+                        "'epoch' is not a list") in err
+
+
+def test_lr_must_survive_float32_rounding(capsys):
+    for text in ("1e-50", "1e39"):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--lr", text])
+        err = capsys.readouterr().err
+        assert f"expected a number > 0 that float32 can hold; got '{text}'" in err
+    from jaxbp.cli import POSITIVE_FLOAT
+
+    assert POSITIVE_FLOAT("3.4028235e38") > 3e38  # float32's largest is allowed

@@ -21,7 +21,9 @@ import math
 import numbers
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Layer:
@@ -79,9 +81,26 @@ def check_rank(layer: str, arg: str, x, rank: int, layout: str) -> None:
         )
 
 
+def _scalar_of(value, kind) -> bool:
+    """A concrete 0-d array (NumPy's or JAX's, not a tracer) whose dtype is of ``kind``."""
+    dtype = getattr(value, "dtype", None)
+    return (dtype is not None and np.ndim(value) == 0 and not isinstance(value, jax.core.Tracer)
+            and np.issubdtype(dtype, kind) and not np.issubdtype(dtype, np.bool_))
+
+
 def is_int(value) -> bool:
-    """An integer, numpy's included, but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An integer (a Python or NumPy int, or a 0-d integer array), but not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, numbers.Integral) or _scalar_of(value, np.integer)
+
+
+def is_real(value) -> bool:
+    """A real number (Python, NumPy or a 0-d integer or float array), but not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, numbers.Real) or _scalar_of(value, np.number) and not np.issubdtype(
+        value.dtype, np.complexfloating)
 
 
 def check_int(where: str, arg: str, value, minimum: int = 1) -> None:
@@ -121,8 +140,7 @@ def check_parameterless(layer: str, params, x) -> None:
 
 def check_real(where: str, arg: str, value, minimum: float | None = None) -> float:
     """``value`` as a float; a ValueError unless it is a finite real number (≥ ``minimum``)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or (minimum is not None and value < minimum):
+    if not is_real(value) or not math.isfinite(value) or (minimum is not None and value < minimum):
         expected = "a finite number" if minimum is None else f"a finite number >= {minimum}"
         raise ValueError(f"{where}: {arg} must be {expected}; got {value!r}")
     return float(value)
