@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers.base import check_int, is_int, is_real
+from .layers.base import check_int, count_non_finite, is_int, is_real
 
 DATASETS = ("digits", "iris", "breast_cancer", "spirals", "xor", "mnist", "fashion-mnist")
 
@@ -78,7 +78,7 @@ def _finish(name, x_train, y_train, x_test, y_test, image: bool) -> Dataset:
     x_train = np.asarray(x_train, np.float64)
     x_test = np.asarray(x_test, np.float64)
     for split, x in (("train", x_train), ("test", x_test)):
-        bad = x.size - np.count_nonzero(np.isfinite(x))
+        bad = count_non_finite(x)
         if bad:  # one would turn the whole standardised set into NaN
             raise ValueError(f"load({name!r}): the {split} features hold {bad} non-finite "
                              f"value(s) (NaN or ±inf) among {x.size}; clean the data first")

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gradcheck_report import GradReport, Row
-from .layers.base import check_int, is_int, is_real
+from .layers.base import check_int, count_non_finite, is_int, is_real
 
 _KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
 
@@ -91,7 +91,7 @@ def _check_batch(fn: str, x) -> None:
             f"{fn}: x must have a leading batch axis with at least 1 sample; got shape "
             f"{np.shape(x)}"
         )
-    bad = np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))
+    bad = count_non_finite(x)
     if bad:  # they would make every gradient NaN and the check blame the loss
         raise ValueError(f"{fn}: x has {bad} non-finite value(s) (NaN or ±inf) among its "
                          f"{np.size(x)}; gradients are compared at finite inputs only")

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from . import parallel
-from .layers.base import check_int, is_real
+from .layers.base import check_int, count_non_finite, is_real
 
 GRADS = ("manual", "autodiff")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -297,13 +297,6 @@ def _fits_on_device(nbytes: int) -> bool:
     return nbytes <= limit // 4
 
 
-def _count_non_finite(x) -> int:
-    """Entries of ``x`` that are NaN or ±inf, counted where ``x`` lives (host or device)."""
-    if isinstance(x, np.ndarray):
-        return int(x.size - np.count_nonzero(np.isfinite(x)))
-    return int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
-
-
 def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, devices=None,
                         opt=None, on_epoch=None):
     """Raise ``ValueError`` for arguments ``fit`` cannot train with; return the mesh.
@@ -335,7 +328,7 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
                              "optimizer?); build the state with init_state(net, opt, key, "
                              "input_shape)")
     for split in ("train", "test"):
-        bad = _count_non_finite(getattr(data, f"x_{split}"))
+        bad = count_non_finite(getattr(data, f"x_{split}"))
         if bad:
             raise ValueError(f"fit: x_{split} holds {bad} non-finite value(s) (NaN or ±inf)")
     mesh = parallel.data_mesh(devices)

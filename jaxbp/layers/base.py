@@ -99,8 +99,15 @@ def is_real(value) -> bool:
     """A real number (Python, NumPy or a 0-d integer or float array), but not a bool."""
     if isinstance(value, (bool, np.bool_)):
         return False
-    return isinstance(value, numbers.Real) or _scalar_of(value, np.number) and not np.issubdtype(
-        value.dtype, np.complexfloating)
+    return (isinstance(value, numbers.Real) or _scalar_of(value, np.integer)
+            or _scalar_of(value, np.floating))
+
+
+def count_non_finite(x) -> int:
+    """Entries of array ``x`` that are NaN or ±inf, counted where ``x`` lives (host or device)."""
+    if isinstance(x, np.ndarray):
+        return int(x.size - np.count_nonzero(np.isfinite(x)))
+    return int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
 
 
 def check_int(where: str, arg: str, value, minimum: int = 1) -> None:
