@@ -46,6 +46,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from .cli import existing_ancestor
 from .train import TrainState, is_train_state
 
 FORMAT = "jaxbp-checkpoint"
@@ -103,9 +104,7 @@ def save(path, state: TrainState, config: dict | None = None, history: dict | No
         integer = np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.integer)
         if isinstance(value, bool) or not integer or value < 0:
             raise ValueError(f"checkpoint.save: state.{name} must be an int >= 0; got {value!r}")
-    ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = existing_ancestor(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(ancestor):
         raise ValueError(f"checkpoint.save: cannot create {path}: {ancestor} is a file, "
                          f"not a directory")

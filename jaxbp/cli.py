@@ -22,6 +22,14 @@ COMMANDS = {
 }
 
 
+def existing_ancestor(path: str) -> str:
+    """The nearest of ``path`` (absolute) and its parents that exists: where creating it starts."""
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return ancestor
+
+
 def output_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be written as a file (checked before long work), or ``None``."""
     if not path:
@@ -30,9 +38,7 @@ def output_file_problem(path: str) -> str | None:
     if os.path.isdir(path):
         return f"expected a file path; {path!r} is a directory"
     if not os.path.isdir(parent):
-        ancestor = parent
-        while not os.path.exists(ancestor):
-            ancestor = os.path.dirname(ancestor)
+        ancestor = existing_ancestor(parent)
         if not os.path.isdir(ancestor):
             return f"{ancestor!r} in {path!r} is a file, not a directory"
         return f"directory {parent!r} of {path!r} does not exist"

@@ -16,7 +16,14 @@ import sys
 import time
 
 from . import data
-from .cli import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, output_file_problem
+from .cli import (
+    NON_NEGATIVE_FLOAT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    SEED,
+    existing_ancestor,
+    output_file_problem,
+)
 
 # Per-model defaults: the plain command reaches ≥ 97% (MLP) / ≥ 98% (CNN) test
 # accuracy on digits within a minute on two CPU cores.
@@ -119,9 +126,7 @@ def _check_paths(args, ckpt: str | None) -> None:
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"train: --checkpoint-dir must be a directory; {directory} is a file")
         # created by the first save; here only check that it could be
-        ancestor = os.path.abspath(directory)
-        while not os.path.exists(ancestor):
-            ancestor = os.path.dirname(ancestor)
+        ancestor = existing_ancestor(directory)
         if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
             raise ValueError(
                 f"train: --checkpoint-dir cannot be created: {ancestor} is not a writable directory"
