@@ -1,4 +1,5 @@
-"""Shared assertions for gradient tests, and a runner for simulated multi-device scripts."""
+"""Shared assertions and random parameters for gradient tests, and a runner for simulated
+multi-device scripts."""
 
 import json
 import os
@@ -27,6 +28,22 @@ def max_tree_rel_error(a, b) -> float:
     )
     errs = [rel_error(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
     return max(errs, default=0.0)
+
+
+def random_params(net, input_shape, rng, dtype=np.float64):
+    """NumPy params of ``net.init``'s shapes and dtypes: standard normal, scaled by 1/√fan_in.
+
+    ``jax.eval_shape`` only traces ``init``: running it eagerly would compile a kernel
+    for every new shape, which costs more than the check it feeds. Biases (rank 1)
+    are standard normal, so they are never all zero.
+    """
+    shapes = jax.eval_shape(lambda k: net.init(k, input_shape, dtype), jax.random.key(0))
+
+    def draw(s):
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+
+    return jax.tree.map(draw, shapes)
 
 
 def run_on_cpu_devices(script: str, devices: int = 4):

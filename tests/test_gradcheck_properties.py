@@ -7,12 +7,12 @@ Shapes are tiny and finite differences check 3 coordinates per leaf, so each
 example costs about one small compile; the default "repeatable" profile is derandomized.
 """
 
-import jax
 import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, gradcheck, layers, losses
+from tests.helpers import random_params
 from tests.test_layers import ACTIVATIONS
 
 LOSSES = [
@@ -82,20 +82,6 @@ def conv_cases(draw):
     except ValueError:  # a window larger than its (padded) input
         assume(False)
     return net, input_shape, kind
-
-
-def random_params(net, input_shape, rng):
-    """Standard-normal params scaled by 1/√fan_in, shaped by ``net.init`` without running it.
-
-    (``jax.eval_shape`` only traces: an eager ``init`` would compile a kernel per new shape.)
-    """
-    shapes = jax.eval_shape(lambda k: net.init(k, input_shape), jax.random.key(0))
-
-    def draw(s):
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        return rng.normal(size=s.shape) / np.sqrt(fan_in)
-
-    return jax.tree.map(draw, shapes)
 
 
 def check(net, input_shape, kind, batch, seed):

@@ -1,10 +1,13 @@
 """Whole networks: ``manual_backward`` against ``jax.grad(net.loss)``.
 
 Every activation × every loss × weight decay on/off × depth 1–4 × batch 1 and 5,
-in float64 (≤ 1e-10 relative per leaf) and float32 (≤ 1e-5). The eight networks
-of one (activation, loss, decay) cell are checked inside one jitted program to
-keep compilation time down.
+in float64 (≤ 1e-10 relative per leaf) and float32 (≤ 1e-5). The sixteen cases of
+one (activation, loss, decay) cell (4 depths × 2 batches × 2 dtypes) are checked
+inside one jitted program to keep compilation time down; parameters and data come
+from NumPy, so building them compiles nothing.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, layers, losses
-from tests.helpers import max_tree_rel_error
+from tests.helpers import max_tree_rel_error, random_params
 from tests.test_layers import ACTIVATIONS
 
 LOSSES = [
@@ -27,13 +30,13 @@ LOSSES = [
 CLASSES = 3
 
 
-def make_targets(loss, key, batch, dtype):
-    """Targets of the kind each loss takes: labels, probabilities or reals."""
+def make_targets(loss, rng, batch, dtype):
+    """Targets of the kind each loss takes (labels, probabilities or reals), drawn by NumPy."""
     if isinstance(loss, (losses.Hinge, losses.SoftmaxCrossEntropy)):
-        return jax.random.randint(key, (batch,), 0, CLASSES)
+        return jnp.asarray(rng.integers(0, CLASSES, size=batch))
     if isinstance(loss, losses.SigmoidBinaryCrossEntropy):
-        return jax.random.uniform(key, (batch, CLASSES), dtype)
-    return jax.random.normal(key, (batch, CLASSES), dtype)
+        return jnp.asarray(rng.uniform(size=(batch, CLASSES)), dtype)
+    return jnp.asarray(rng.normal(size=(batch, CLASSES)), dtype)
 
 
 def make_net(activation, loss, weight_decay, depth, width=4):
@@ -45,11 +48,11 @@ def make_net(activation, loss, weight_decay, depth, width=4):
 
 
 def make_case(net, seed, batch, features, dtype):
-    k_p, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
-    params = net.init(k_p, (features,), dtype)
-    x = jax.random.normal(k_x, (batch, features), dtype)
-    y = make_targets(net.loss_fn, k_y, batch, dtype)
-    return params, x, y
+    """``(params, x, y)`` drawn by NumPy: eager ``jax.random`` calls would compile kernels."""
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(jnp.asarray, random_params(net, (features,), rng, dtype))
+    x = jnp.asarray(rng.normal(size=(batch, features)), dtype)
+    return params, x, make_targets(net.loss_fn, rng, batch, dtype)
 
 
 def manual_and_autodiff(nets_and_cases):
@@ -172,12 +175,17 @@ def test_random_architectures(widths, activations, loss, weight_decay, batch, fe
     for width, act in zip([*widths, CLASSES], activations):
         stack += [layers.Dense(width, use_bias=use_bias), act]
     net = Sequential(stack, loss=loss, weight_decay=weight_decay)
-    p, x, y = make_case(net, seed, batch, features, jnp.float64)
-    assert max_tree_rel_error(net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y)) <= 1e-10
+    [(manual, auto)] = manual_and_autodiff([(net, make_case(net, seed, batch, features,
+                                                           jnp.float64))])
+    assert max_tree_rel_error(manual, auto) <= 1e-10
 
 
 def test_manual_backward_never_calls_autodiff(monkeypatch):
-    """With JAX's differentiation entry points booby-trapped, the manual path still runs."""
+    """With JAX's differentiation entry points booby-trapped, the manual path still traces.
+
+    Tracing runs all of the manual path's Python (compiling runs none), so
+    ``jax.eval_shape`` checks it without compiling anything.
+    """
     from jaxbp import models
 
     def trap(*args, **kwargs):
@@ -194,13 +202,14 @@ def test_manual_backward_never_calls_autodiff(monkeypatch):
         for loss in LOSSES
     ]
     nets.append((models.cnn((8, 8, 1), classes=CLASSES, weight_decay=0.1), (8, 8, 1)))
+    rng = np.random.default_rng(0)
     for net, input_shape in nets:
-        p = net.init(jax.random.key(0), input_shape)
-        x = jax.random.normal(jax.random.key(1), (2, *input_shape))
-        y = make_targets(net.loss_fn, jax.random.key(2), 2, x.dtype)
-        net.manual_value_and_grad(p, x, y)
-        net.manual_backward(p, x, y, remat_every=2)
-        net.manual_backward_with_signals(p, x, y)
+        p = random_params(net, input_shape, rng)
+        x = rng.normal(size=(2, *input_shape))
+        y = make_targets(net.loss_fn, rng, 2, x.dtype)
+        for method in (net.manual_value_and_grad, net.manual_backward_with_signals,
+                       functools.partial(net.manual_backward, remat_every=2)):
+            jax.eval_shape(method, p, x, y)
 
 
 @pytest.mark.parametrize("param_dtype, data_dtype", [
