@@ -5,6 +5,7 @@ from .base import Layer
 from .conv import Conv2D
 from .dense import Dense
 from .flatten import Flatten
+from .norm import LayerNorm, RMSNorm
 from .pool import AvgPool2D, MaxPool2D
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "MaxPool2D",
     "AvgPool2D",
     "Flatten",
+    "LayerNorm",
+    "RMSNorm",
     "Identity",
     "Sigmoid",
     "Tanh",
