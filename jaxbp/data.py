@@ -34,11 +34,14 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 
-from .layers.base import check_int, count_non_finite, is_int, is_real
+from .layers.base import check_int, check_memory, count_non_finite, is_int, is_real
+
+MAX_CLASSES = 65536  # an IDX label file with a larger label is taken to be corrupt
 
 DATASETS = ("digits", "iris", "breast_cancer", "spirals", "xor", "mnist", "fashion-mnist")
 
@@ -72,6 +75,48 @@ def standardize(x_train, x_test, axis=0):
     sigma = x_train.std(axis=axis, keepdims=True)
     sigma = np.where(sigma > 0, sigma, 1.0)
     return (x_train - mu) / sigma, (x_test - mu) / sigma
+
+
+def _shown(values: np.ndarray, most: int = 5) -> str:
+    """``[a, b, c]``, or the first ``most`` and how many more."""
+    head = ", ".join(str(v) for v in values[:most])
+    return f"[{head}]" if len(values) <= most else f"[{head}, … ({len(values) - most} more)]"
+
+
+def classes_in(y) -> np.ndarray | None:
+    """The classes present in labels (batch,) or in the columns of targets (batch, K)."""
+    y = np.asarray(y)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        return y
+    if y.ndim == 2 and (np.issubdtype(y.dtype, np.number)):
+        return np.flatnonzero(np.any(y > 0, axis=0))
+    return None
+
+
+def check_classes(y_train, y_test, train_where: str, test_where: str, *,
+                  every_class: bool = True) -> None:
+    """A ValueError unless the labels make a classification problem a model can learn.
+
+    The training split must hold at least two classes (and, with ``every_class``,
+    every class in ``[0, max label]``); the test split no class the training split
+    lacks (its accuracy would count a class no sample taught). ``train_where`` and
+    ``test_where`` prefix the messages (a dataset's or a file's name).
+    """
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise ValueError(f"{train_where}: the training split holds a single class "
+                         f"({present[0] if len(present) else 'none'}); a classifier needs at "
+                         f"least two")
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if unseen.size:
+        train = "the training split" + (f" ({train_where})" if train_where != test_where else "")
+        raise ValueError(f"{test_where}: the test split holds class(es) {_shown(unseen)} that "
+                         f"{train} lacks; no training sample teaches them")
+    classes = int(present[-1]) + 1
+    if every_class and len(present) < classes:
+        gaps = np.setdiff1d(np.arange(classes), present)
+        raise ValueError(f"{train_where}: the training split lacks class(es) {_shown(gaps)} of "
+                         f"[0, {classes}); every class needs training samples")
 
 
 def _finish(name, x_train, y_train, x_test, y_test, image: bool) -> Dataset:
@@ -112,6 +157,7 @@ def _split(name, x, y, test_fraction, seed, image=False) -> Dataset:
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
+    check_classes(y_tr, y_te, f"load({name!r})", f"load({name!r})")
     return _finish(name, x_tr, y_tr, x_te, y_te, image)
 
 
@@ -156,43 +202,81 @@ def xor(n=800, noise=0.1, seed=0):
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+# Deflate expands a byte to at most 1032 bytes: a header claiming more than that
+# many times the compressed file's size cannot be right.
+_MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 22  # bytes per read: no single allocation is sized by a header
+
+
+def _read(path: str, f, n: int, compressed: bool) -> bytes:
+    """Up to ``n`` bytes of ``f``, in chunks; gzip and deflate errors become ValueErrors."""
+    chunks, left = [], n
+    try:
+        while left > 0:
+            chunk = f.read(min(left, _CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        if not compressed:
+            raise
+        raise ValueError(f"{path}: corrupt gzip data ({err})") from None
+    return b"".join(chunks)
+
+
 def read_idx(path) -> np.ndarray:
     """Read one IDX file (gzip-compressed or raw, told apart by its first bytes).
 
     Layout: two zero bytes, a type byte, the number of dimensions ``d``, then
-    ``d`` big-endian uint32 sizes and the data in row-major order.
+    ``d`` big-endian uint32 sizes and the data in row-major order. The header is
+    checked against the file's size (and, compressed, against what deflate can
+    expand to) and the machine's memory before the data is read.
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: the file is not IDX, is truncated, or has trailing bytes; the
+      ValueError: the file is not IDX, is truncated, has trailing bytes, corrupt
+        gzip data, a dimension of size 0, or more data than fits in memory; the
         message names the file and what is wrong.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: corrupt gzip data ({err})") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES:
-        raise ValueError(
-            f"{path}: not an IDX file (expected magic 00 00 <type> <ndim> with type in "
-            f"{[hex(t) for t in _IDX_TYPES]}; got {raw[:4].hex(' ') or 'an empty file'})"
-        )
-    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
-    shape = tuple(int(s) for s in np.frombuffer(raw[4:header], ">u4"))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise ValueError(
-            f"{path}: IDX file {what}: shape {shape} of {dtype.name} needs {expected} bytes, "
-            f"got {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    with open(path, "rb") as raw:
+        size = os.fstat(raw.fileno()).st_size
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        f = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        head = _read(path, f, 4, compressed)
+        if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in _IDX_TYPES:
+            raise ValueError(
+                f"{path}: not an IDX file (expected magic 00 00 <type> <ndim> with type in "
+                f"{[hex(t) for t in _IDX_TYPES]}; got {head.hex(' ') or 'an empty file'})"
+            )
+        dtype, ndim = np.dtype(_IDX_TYPES[head[2]]), head[3]
+        header = 4 + 4 * ndim
+        dims = _read(path, f, header - 4, compressed)
+        if len(dims) < header - 4:
+            raise ValueError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, need "
+                             f"{header})")
+        shape = tuple(int(s) for s in np.frombuffer(dims, ">u4"))
+        if 0 in shape:
+            raise ValueError(f"{path}: IDX dimension sizes must be positive; got shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize  # a Python int: no overflow
+        expected = header + nbytes
+        needs = f"shape {shape} of {dtype.name} needs {expected} bytes"
+        if not compressed and size != expected:
+            what = "truncated" if size < expected else "has trailing bytes"
+            raise ValueError(f"{path}: IDX file {what}: {needs}, got {size}")
+        if compressed and nbytes > _MAX_DEFLATE_RATIO * size:
+            raise ValueError(f"{path}: IDX file truncated: {needs}, more than the {size} "
+                             f"compressed bytes can hold (deflate expands at most "
+                             f"{_MAX_DEFLATE_RATIO}×)")
+        check_memory(path, f"IDX data of shape {shape} ({dtype.name})", 2 * nbytes)
+        body = _read(path, f, nbytes + 1, compressed)  # one more byte shows trailing data
+    if len(body) != nbytes:
+        what, got = ("truncated", header + len(body)) if len(body) < nbytes else \
+            ("has trailing bytes", f"more than {expected}")
+        raise ValueError(f"{path}: IDX file {what}: {needs}, got {got}")
+    return np.frombuffer(body, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 _MNIST_FILES = {
@@ -233,33 +317,49 @@ def load_idx_dir(data_dir, name="mnist", layout="flat") -> Dataset:
         raise FileNotFoundError(f"load({name!r}): data directory {data_dir} does not exist")
     paths = {k: _find_idx(data_dir, stem) for k, stem in _MNIST_FILES.items()}
     arrays = {k: read_idx(path) for k, path in paths.items()}
+    n_train = len(arrays["train_images"])
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        image_file, label_file = paths[f"{split}_images"], paths[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
-                f"{data_dir}: {split} images must be (n, H, W) and labels (n,) with the same n; "
-                f"got {images.shape} and {labels.shape}"
+                f"{image_file} and {label_file}: {split} images must be (n, H, W) and labels "
+                f"(n,) with the same n; got {images.shape} and {labels.shape}"
             )
         bad = labels[(labels < 0) | (labels % 1 != 0)]
         if bad.size:
             raise ValueError(
-                f"{paths[f'{split}_labels']}: class labels must be non-negative integers; got "
+                f"{label_file}: class labels must be non-negative integers; got "
                 f"{bad.size} invalid label(s), e.g. {bad[0]}"
             )
+        limit = min(MAX_CLASSES, n_train)  # every class needs a training image
+        if labels.max() >= limit:
+            raise ValueError(
+                f"{label_file}: class label {labels.max()} is out of range: labels must lie in "
+                f"[0, {limit}) (at most {MAX_CLASSES} classes, and no more than the {n_train} "
+                f"training images)"
+            )
+        bad = count_non_finite(images) if np.issubdtype(images.dtype, np.floating) else 0
+        if bad:  # one would turn the whole standardised set into NaN
+            raise ValueError(f"{image_file}: the {split} images hold {bad} non-finite value(s) "
+                             f"(NaN or ±inf) among {images.size}; clean the data first")
     train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
     if train_hw != test_hw:
         raise ValueError(
-            f"{data_dir}: train and test images must have the same size (H, W); got {train_hw} "
-            f"for train and {test_hw} for test"
+            f"{paths['train_images']} and {paths['test_images']}: train and test images must "
+            f"have the same size (H, W); got {train_hw} for train and {test_hw} for test"
         )
+    pixels = arrays["train_images"].size + arrays["test_images"].size
+    # float64 pixels, their standardised copy, a temporary and the float32 result
+    check_memory(data_dir, f"standardising {pixels} pixels", 28 * pixels)
+    labels = (arrays["train_labels"].astype(np.int64), arrays["test_labels"].astype(np.int64))
+    check_classes(*labels, paths["train_labels"], paths["test_labels"])
     x_train, x_test = (arrays[f"{s}_images"].astype(np.float64) / 255.0 for s in ("train", "test"))
     if layout == "image":
         x_train, x_test = x_train[..., None], x_test[..., None]
     else:
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
-    return _finish(
-        name, x_train, arrays["train_labels"], x_test, arrays["test_labels"], layout == "image"
-    )
+    return _finish(name, x_train, labels[0], x_test, labels[1], layout == "image")
 
 
 # ---------------------------------------------------------------------- load

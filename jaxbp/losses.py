@@ -18,11 +18,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers.base import check_array, check_real
+from .layers.base import check_array, check_real, count_non_finite
 
 
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+def concrete_values(a) -> np.ndarray | None:
+    """The values of array ``a`` on the host, or ``None`` where they are unknown.
+
+    Known: a concrete array; the primal under ``jax.grad``; under ``jax.vmap`` of
+    concrete arrays, the batched array, mapped axes first (every entry of it is a
+    value some example sees). Unknown: inside ``jax.jit``, ``lax.scan`` and the like.
+    """
+    a, axes = _unwrap(a)
+    if a is None:
+        return None
+    values = np.asarray(a)
+    for k, axis in enumerate(reversed(axes)):  # innermost vmap first
+        values = np.moveaxis(values, k + axis, k)
+    return values
+
+
+def values_known(a) -> bool:
+    """Whether ``concrete_values(a)`` would find the values (no transfer to the host)."""
+    return _unwrap(a)[0] is not None
+
+
+def _unwrap(a):
+    """``(array, mapped axes)`` under the tracers around ``a``; ``(None, [])`` if unknown."""
+    axes = []
+    while isinstance(a, jax.core.Tracer):
+        value = a.to_concrete_value()
+        if value is None:  # a vmap tracer carries the batched array and its mapped axis
+            if not hasattr(a, "batch_dim"):
+                return None, []  # abstract: inside jit
+            value, axis = getattr(a, "val", None), a.batch_dim
+            if value is None or not (axis is None or isinstance(axis, int)):
+                return None, []
+            if axis is not None:
+                axes.append(axis)
+        a = value
+    return a, axes
 
 
 def _check_output(loss: str, y_hat, y, rank: int = 2) -> None:
@@ -50,21 +84,68 @@ def _check_same_shape(loss: str, y_hat, y) -> None:
 
 
 def check_labels(loss: str, y_hat, y) -> None:
-    """Integer labels: shape (batch,), values in [0, K) when they are concrete."""
+    """Integer labels: shape (batch,), values in [0, K) where they are known.
+
+    Inside ``jax.jit`` the values are abstract and go unchecked: a label outside
+    [0, K) then selects no class.
+    """
     batch, classes = y_hat.shape
     if tuple(y.shape) != (batch,):
         raise ValueError(
             f"{loss}: integer labels y must have shape ({batch},) for output "
             f"{tuple(y_hat.shape)}; got {tuple(y.shape)}"
         )
-    if _is_concrete(y) and y.size:
-        labels = np.asarray(y)  # on the host: jnp reductions would be staged inside a trace
+    labels = concrete_values(y)  # on the host: jnp reductions would be staged inside a trace
+    if labels is not None and labels.size:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= classes:
             raise ValueError(
                 f"{loss}: integer labels must lie in [0, {classes}) for {classes} classes; "
                 f"got values in [{lo}, {hi}]"
             )
+
+
+def _check_finite_targets(loss: str, what: str, t: np.ndarray) -> None:
+    bad = count_non_finite(t) if jnp.issubdtype(t.dtype, jnp.inexact) else 0
+    if bad:
+        raise ValueError(f"{loss}: {what} hold {bad} non-finite value(s) (NaN or ±inf)")
+
+
+def check_probability_rows(loss: str, y) -> None:
+    """Probability targets (batch, K): entries >= 0, each row summing to 1, where known.
+
+    The tolerance on a row sum is ``max(√eps, 4·K·eps)`` of the targets' float
+    dtype (0 for integer targets). Inside ``jax.jit`` the values go unchecked.
+    """
+    t = concrete_values(y)
+    if t is None or t.size == 0:
+        return
+    _check_finite_targets(loss, "probability targets", t)
+    negative = np.count_nonzero(t < 0)
+    if negative:
+        raise ValueError(f"{loss}: probability targets must be >= 0; got {negative} negative "
+                         f"value(s), the least {t.min()}")
+    classes = t.shape[-1]
+    eps = float(jnp.finfo(t.dtype).eps) if jnp.issubdtype(t.dtype, jnp.floating) else 0.0
+    tol = max(eps**0.5, 4 * classes * eps)
+    sums = t.sum(axis=-1, dtype=np.float64)
+    if np.any(np.abs(sums - 1) > tol):
+        raise ValueError(
+            f"{loss}: each row of probability targets must sum to 1 (within {tol:.1e}); got "
+            f"row sums in [{sums.min():.6g}, {sums.max():.6g}]"
+        )
+
+
+def check_unit_interval(loss: str, y) -> None:
+    """Binary targets: every value in [0, 1], where known (unchecked inside ``jax.jit``)."""
+    t = concrete_values(y)
+    if t is None or t.size == 0:
+        return
+    _check_finite_targets(loss, "targets", t)
+    lo, hi = t.min(), t.max()
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{loss}: targets must lie in [0, 1] (probabilities of class 1); got "
+                         f"values in [{lo}, {hi}]")
 
 
 def _is_integer(y) -> bool:
@@ -88,6 +169,13 @@ class Loss:
 
     def value_and_grad(self, y_hat, y):
         raise NotImplementedError
+
+    def check_target_values(self, y_hat, y) -> None:
+        """``ValueError`` if the known values of ``y`` lie outside the loss's domain.
+
+        ``y_hat`` needs only ``shape`` and ``dtype``. Values inside ``jax.jit`` are
+        unknown and go unchecked; a loss without a restricted domain checks nothing.
+        """
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
@@ -129,9 +217,11 @@ class MeanSquaredError(Loss):
 class SoftmaxCrossEntropy(Loss):
     """Cross-entropy of softmax(logits): per sample ``logsumexp(z) − Σ_k t_k z_k``.
 
-    ``y`` is either integer labels (batch,) or targets (batch, K) whose rows are
-    probabilities (one-hot included, integer or float). Stable for logits of any
-    magnitude: the max is subtracted before exponentiating.
+    ``y`` is either integer labels (batch,) in [0, K) or targets (batch, K) whose
+    rows are probabilities: entries >= 0 summing to 1 (one-hot included, integer or
+    float). Known values are checked (a ValueError otherwise); inside ``jax.jit``
+    they are not, and a label outside [0, K) selects no class. Stable for logits
+    of any magnitude: the max is subtracted before exponentiating.
 
     Fused gradient (softmax and cross-entropy together):
     ``∂L/∂z = (softmax(z)·Σ_k t_k − t) / batch = (softmax(z) − t) / batch`` for
@@ -140,11 +230,17 @@ class SoftmaxCrossEntropy(Loss):
 
     takes_labels = True
 
+    def check_target_values(self, y_hat, y) -> None:
+        if _is_integer(y) and y.ndim == 1:
+            check_labels(self.name, y_hat, y)
+        elif y.ndim == 2 and tuple(y.shape) == tuple(y_hat.shape):
+            check_probability_rows(self.name, y)
+
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat, y)
         batch, classes = y_hat.shape
+        self.check_target_values(y_hat, y)
         if _is_integer(y) and y.ndim == 1:
-            check_labels(self.name, y_hat, y)
             t = one_hot_mask(y, classes, y_hat.dtype)
             t_sum = 1.0  # one label per row
         elif y.ndim == 2 and tuple(y.shape) == tuple(y_hat.shape):
@@ -167,21 +263,29 @@ class SoftmaxCrossEntropy(Loss):
 class SigmoidBinaryCrossEntropy(Loss):
     """Binary cross-entropy of σ(logits): per sample ``Σ_k softplus(z_k) − t_k z_k``.
 
-    That equals ``−t log σ(z) − (1 − t) log(1 − σ(z))`` but never overflows:
-    ``softplus(z) = max(z, 0) + log1p(e^{−|z|})``. Targets ``t ∈ [0, 1]`` have the
-    shape of the logits (batch, K).
+    That equals ``−t log σ(z) − (1 − t) log(1 − σ(z))``, computed as
+    ``t·softplus(−z) + (1 − t)·softplus(z)`` with ``jax.nn.softplus``: it never
+    overflows, loses nothing to cancellation for t ∈ {0, 1}, and its autodiff
+    gradient is ``σ(z) − t`` everywhere, ``z = 0`` included. Targets ``t ∈ [0, 1]``
+    have the shape of the logits (batch, K); known values outside [0, 1] raise a
+    ValueError (inside ``jax.jit`` they go unchecked).
 
     Gradient: ``∂L/∂z = (σ(z) − t) / batch``, shape (batch, K).
     """
+
+    def check_target_values(self, y_hat, y) -> None:
+        if tuple(y.shape) == tuple(y_hat.shape):
+            check_unit_interval(self.name, y)
 
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat, y)
         if _is_integer(y):
             y = y.astype(y_hat.dtype)
         _check_same_shape(self.name, y_hat, y)
+        self.check_target_values(y_hat, y)
         batch = y_hat.shape[0]
-        softplus = jnp.maximum(y_hat, 0) + jnp.log1p(jnp.exp(-jnp.abs(y_hat)))
-        value = jnp.sum(softplus - y * y_hat) / batch
+        per_unit = y * jax.nn.softplus(-y_hat) + (1 - y) * jax.nn.softplus(y_hat)
+        value = jnp.sum(per_unit) / batch
         return value, (jax.nn.sigmoid(y_hat) - y) / batch
 
 
@@ -189,9 +293,10 @@ class SigmoidBinaryCrossEntropy(Loss):
 class Hinge(Loss):
     """Multiclass SVM loss (CS231n): per sample ``Σ_{j≠y} max(0, s_j − s_y + Δ)``.
 
-    ``y`` is integer labels (batch,). With ``m_j = s_j − s_y + Δ`` and the
-    indicator ``1[m_j > 0]`` (0 exactly at the margin, the subgradient autodiff
-    takes for this code):
+    ``y`` is integer labels (batch,) in [0, K), checked where known (inside
+    ``jax.jit`` a label outside the range selects no class). With
+    ``m_j = s_j − s_y + Δ`` and the indicator ``1[m_j > 0]`` (0 exactly at the
+    margin, the subgradient autodiff takes for this code):
 
       ∂L/∂s_j = 1[m_j > 0] / batch                 for j ≠ y
       ∂L/∂s_y = −Σ_{j≠y} 1[m_j > 0] / batch
@@ -203,6 +308,10 @@ class Hinge(Loss):
     def __post_init__(self):
         object.__setattr__(self, "margin", check_real("Hinge", "margin", self.margin, 0.0))
 
+    def check_target_values(self, y_hat, y) -> None:
+        if _is_integer(y):
+            check_labels(self.name, y_hat, y)
+
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat, y)
         if not _is_integer(y):
@@ -210,7 +319,7 @@ class Hinge(Loss):
                 f"{self.name}: y must be integer labels of shape ({y_hat.shape[0]},); got "
                 f"dtype {y.dtype} with shape {tuple(y.shape)}"
             )
-        check_labels(self.name, y_hat, y)
+        self.check_target_values(y_hat, y)
         batch, classes = y_hat.shape
         is_label = one_hot_mask(y, classes, y_hat.dtype)
         s_y = jnp.sum(y_hat * is_label, axis=1, keepdims=True)

@@ -4,32 +4,63 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from .layers.base import Layer, is_int
-from .losses import Loss, check_labels
+from .layers.base import Layer, check_memory, check_numeric, is_int, is_real
+from .losses import Loss, values_known
 
 _method_jit = functools.partial(jax.jit, static_argnums=0)
 
 
-def _checks_labels(jitted):
-    """Validate concrete integer labels, then call the jitted method.
+def _checks_arguments(jitted):
+    """Check the arguments outside the trace, then call the jitted method.
 
-    Inside jit the labels are abstract and cannot be range-checked; called
-    directly (or under ``jax.grad``) they are concrete, and an out-of-range label
-    raises a ValueError instead of silently selecting nothing.
+    Arrays of objects or strings cannot enter ``jit`` (JAX raises a TypeError);
+    they are refused here with a ValueError. Inside jit, labels and targets are
+    abstract and cannot be range-checked; called directly (or under ``jax.grad``
+    or ``jax.vmap``) they are concrete, and an out-of-range label or target raises
+    a ValueError instead of silently giving a meaningless loss.
     """
 
     @functools.wraps(jitted)
-    def method(self, params, x, y, **kwargs):
-        self.validate_labels(params, x, y)
-        return jitted(self, params, x, y, **kwargs)
+    def method(self, params, x, *args, **kwargs):
+        self._check_params(params)
+        _check_numeric("input x", x)
+        if args or "y" in kwargs:  # forward and forward_with_residuals take no y
+            y = args[0] if args else kwargs["y"]
+            _check_numeric("target y", y)
+            self.validate_labels(params, x, y)
+        return jitted(self, params, x, *args, **kwargs)
 
     method.jitted = jitted
     return method
+
+
+def _check_numeric(arg: str, a) -> None:
+    """A ValueError if array ``a`` holds no numbers (object, string or key dtypes)."""
+    if hasattr(a, "dtype"):  # (not an array: the layer or loss refuses it, naming where)
+        check_numeric("Sequential", arg, a)
+
+
+def _is_float(dtype) -> bool:
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.floating))
+    except TypeError:
+        return False
+
+
+def _check_key(key) -> None:
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and jnp.ndim(key) == 1  # a legacy key, jax.random.PRNGKey
+    if not (typed or raw):
+        got = f"dtype {dtype}" if dtype is not None else type(key).__name__
+        raise ValueError(f"Sequential.init: key must be a PRNG key, e.g. jax.random.key(0); "
+                         f"got {got}")
 
 
 def _prefixed(prefix: str, fn, *args):
@@ -84,6 +115,9 @@ class Sequential:
                 )
         if not isinstance(loss, Loss):
             raise ValueError(f"Sequential: loss must be a jaxbp loss; got {type(loss).__name__}")
+        if not is_real(weight_decay):
+            raise ValueError(f"Sequential: weight_decay must be a real number, finite and >= 0; "
+                             f"got {weight_decay!r} ({type(weight_decay).__name__})")
         weight_decay = float(weight_decay)
         if not 0 <= weight_decay < float("inf"):
             raise ValueError(
@@ -98,9 +132,35 @@ class Sequential:
         return f"layers[{i}]"
 
     def init(self, key, input_shape, dtype=None) -> list[dict]:
-        """Initialise every layer; ``input_shape`` excludes the batch axis."""
+        """Initialise every layer; ``input_shape`` excludes the batch axis.
+
+        ``dtype`` is a floating-point dtype (None: float64 under ``jax_enable_x64``,
+        else float32): gradients are taken with respect to the params.
+        """
+        _check_key(key)
+        if (isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__")
+                or not all(is_int(s) for s in input_shape)):
+            raise ValueError(f"Sequential.init: input_shape must be a tuple of ints (batch axis "
+                             f"excluded), e.g. (64,) or (8, 8, 1); got {input_shape!r}")
+        if dtype is not None:
+            try:
+                shown = jnp.dtype(dtype).name
+            except TypeError:
+                shown = repr(dtype)
+            if not _is_float(dtype):
+                raise ValueError(f"Sequential.init: dtype must be a floating-point dtype (e.g. "
+                                 f"jnp.float32) or None; got {shown}")
+        shape = tuple(int(s) for s in input_shape)
+        # Shapes first (no FLOPs, no memory): an absurd network is an error, not a hang.
+        abstract = jax.eval_shape(lambda k: self._init_layers(k, shape, dtype), key)
+        leaves = jax.tree.leaves(abstract)
+        count = sum(math.prod(a.shape) for a in leaves)
+        nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
+        check_memory("Sequential.init", f"{count} parameters", nbytes)
+        return self._init_layers(key, shape, dtype)
+
+    def _init_layers(self, key, shape, dtype):
         params = []
-        shape = tuple(input_shape)
         for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)))):
             p, shape = _prefixed(self._where(i), layer.init, k, shape, dtype)
             params.append(p)
@@ -113,20 +173,22 @@ class Sequential:
         return tuple(out.shape[1:])
 
     def validate_labels(self, params, x, y) -> None:
-        """``ValueError`` if integer labels ``y`` do not suit the output for ``x``.
+        """``ValueError`` if labels or targets ``y`` do not suit the output for ``x``.
 
-        Labels must lie in ``[0, classes)`` of a (batch, classes) output. Checks
-        concrete arrays only (inside ``jit`` the values are unknown) and costs no
-        FLOPs; ``fit`` and ``gradcheck`` call it before they start.
+        Integer labels must lie in ``[0, classes)`` of a (batch, classes) output,
+        probability targets must be >= 0 with rows summing to 1, binary targets lie
+        in [0, 1] (each loss's ``check_target_values``). Checks values that are
+        known — concrete arrays, also under ``jax.grad`` and ``jax.vmap`` — and
+        costs no FLOPs; inside ``jit`` the values are unknown and go unchecked.
+        ``fit`` and ``gradcheck`` call it before they start.
         """
-        if (not self.loss_fn.takes_labels or isinstance(y, jax.core.Tracer)
-                or not hasattr(y, "dtype")):
+        if type(self.loss_fn).check_target_values is Loss.check_target_values:
+            return  # the loss takes any values
+        if not hasattr(y, "dtype") or not values_known(y):
             return  # (a y that is not an array is the loss's to refuse)
-        if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(y) != 1:
-            return  # not labels (targets of the output's shape are the loss's to check)
         y_hat = jax.eval_shape(self.forward, params, x)  # cached trace, no FLOPs
         if len(y_hat.shape) == 2:
-            _prefixed("loss", check_labels, self.loss_fn.name, y_hat, y)
+            _prefixed("loss", self.loss_fn.check_target_values, y_hat, y)
 
     def _check_params(self, params) -> None:
         if not isinstance(params, (list, tuple)) or len(params) != len(self.layers):
@@ -135,6 +197,14 @@ class Sequential:
                 f"Sequential: params must be a list with one dict per layer "
                 f"({len(self.layers)}); got {got}"
             )
+        for i, (layer, p) in enumerate(zip(self.layers, params)):
+            for k, v in p.items() if isinstance(p, dict) else ():
+                dtype = getattr(v, "dtype", None)
+                if dtype is not None and not _is_float(dtype):
+                    raise ValueError(
+                        f"{self._where(i)} {layer.name}: params[{k!r}] must be a floating-point "
+                        f"array (gradients are taken with respect to it); got dtype {dtype}"
+                    )
 
     # ----------------------------------------------------------------- forward
     def _forward(self, params, x):
@@ -147,11 +217,13 @@ class Sequential:
             residuals.append(res)
         return x, inputs, residuals
 
+    @_checks_arguments
     @_method_jit
     def forward(self, params, x):
         """The network's output ``y_hat`` for a batch ``x``."""
         return self._forward(params, x)[0]
 
+    @_checks_arguments
     @_method_jit
     def forward_with_residuals(self, params, x):
         """The output and, per layer, a dict of its input ``x``, output ``y`` and residuals.
@@ -185,7 +257,7 @@ class Sequential:
         L, dy_hat = _prefixed("loss", self.loss_fn.value_and_grad, y_hat, y)
         return L, dy_hat.astype(y_hat.dtype)
 
-    @_checks_labels
+    @_checks_arguments
     @_method_jit
     def loss(self, params, x, y):
         """``J = L(forward(x), y) + λ/2 Σ ‖W‖²`` (a scalar)."""
@@ -270,7 +342,7 @@ class Sequential:
         dy = self._walk_back(params, residuals, dy, start, stop, grads, signals)
         return grads[start:], signals[start:], dy
 
-    @_checks_labels
+    @_checks_arguments
     @functools.partial(jax.jit, static_argnums=0, static_argnames="remat_every")
     def manual_value_and_grad(self, params, x, y, *, remat_every=None):
         """``(J, ∂J/∂params)`` by the hand-written backward pass.
@@ -290,13 +362,13 @@ class Sequential:
         J, grads, _ = self._manual(params, x, y, remat_every)
         return J, grads
 
-    @_checks_labels
+    @_checks_arguments
     @functools.partial(jax.jit, static_argnums=0, static_argnames="remat_every")
     def manual_backward(self, params, x, y, *, remat_every=None):
         """``∂J/∂params`` by the hand-written backward pass (same pytree as params)."""
         return self._manual(params, x, y, remat_every)[1]
 
-    @_checks_labels
+    @_checks_arguments
     @_method_jit
     def manual_backward_with_signals(self, params, x, y):
         """``(grads, dxs)`` where ``dxs[i] = ∂J/∂(input of layers[i])``.

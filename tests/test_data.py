@@ -2,6 +2,7 @@
 
 import doctest
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from jaxbp import data
+from jaxbp.layers import base
 
 
 def test_doctests():
@@ -197,9 +199,120 @@ def test_non_finite_features_are_refused_by_the_loader(tmp_path):
     images = arrays["train-images-idx3-ubyte"].astype(np.float32)
     images[0, 0, 0] = np.nan
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(images))
-    with pytest.raises(ValueError, match=r"load\('mnist'\): the train features hold 1 non-finite "
-                       r"value\(s\) \(NaN or ±inf\) among 300; clean the data first"):
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: the train images hold 1 "
+                       r"non-finite value\(s\) \(NaN or ±inf\) among 300; clean the data first"):
         data.load("mnist", data_dir=tmp_path)
+
+
+def _gzip_with_deflate(raw: bytes, deflate: bytes) -> bytes:
+    """A gzip member around ``deflate`` (a raw deflate stream), with ``raw``'s CRC and length."""
+    import zlib
+
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    trailer = np.array([zlib.crc32(raw), len(raw)], "<u4").tobytes()
+    return header + deflate + trailer
+
+
+def test_corrupt_deflate_stream_is_a_value_error_naming_the_file(tmp_path):
+    import zlib
+
+    _write_mnist(tmp_path)
+    raw = _idx_bytes((np.arange(6) % 10).astype(np.uint8))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflate = compressor.compress(raw) + compressor.flush()
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    assert data.read_idx(_write(path, _gzip_with_deflate(raw, deflate))).shape == (6,)
+    # block type 11 is reserved: zlib refuses it ("invalid block type")
+    _write(path, _gzip_with_deflate(raw, bytes([deflate[0] | 0x06]) + deflate[1:]))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: corrupt gzip data "
+                       r"\(Error -3 while decompressing data: invalid block type\)"):
+        data.load("mnist", data_dir=tmp_path)
+    flipped = bytearray(gzip.compress(raw))
+    flipped[-5] ^= 0xFF  # the stored length, checked after the data
+    _write(path, bytes(flipped))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz: corrupt gzip data"):
+        data.load("mnist", data_dir=tmp_path)
+
+
+def _write(path, raw: bytes):
+    path.write_bytes(raw)
+    return path
+
+
+def _header(type_byte: int, shape) -> bytes:
+    return bytes([0, 0, type_byte, len(shape)]) + np.array(shape, ">u4").tobytes()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+def test_idx_dimensions_that_overflow_or_are_zero_name_the_file(tmp_path, compress):
+    pack = gzip.compress if compress else bytes
+    path = tmp_path / "a.idx"
+    huge = (2**32 - 1,) * 4  # 2**128 bytes: an int64 product would wrap around
+    _write(path, pack(_header(0x0E, huge) + b"\0" * 64))
+    needs = f"shape {huge} of float64 needs {20 + 8 * (2**32 - 1) ** 4} bytes"
+    with pytest.raises(ValueError, match=re.escape(f"{path}: IDX file truncated: {needs}")):
+        data.read_idx(path)
+    _write(path, pack(_header(0x08, (0, 28, 28))))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: IDX dimension sizes must be "
+                                                   f"positive; got shape (0, 28, 28)")):
+        data.read_idx(path)
+
+
+def test_a_header_is_checked_against_the_file_and_memory_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "a.idx.gz"
+    # 1 GB of zeros claimed by a 1 kB file: more than deflate can expand those bytes to
+    _write(path, gzip.compress(_header(0x08, (1000, 1000, 1000)) + b"\0" * 1000))
+    with pytest.raises(ValueError, match=r"a.idx.gz: IDX file truncated: shape \(1000, 1000, "
+                       r"1000\) of uint8 needs 1000000016 bytes, more than the \d+ compressed "
+                       r"bytes can hold \(deflate expands at most 1032×\)"):
+        data.read_idx(path)
+    _write(path, gzip.compress(_header(0x08, (4, 1000)) + b"\0" * 4000))
+    monkeypatch.setattr(base, "memory_bytes", lambda: 2**12)
+    with pytest.raises(ValueError, match=r"a.idx.gz: IDX data of shape \(4, 1000\) \(uint8\) "
+                       r"would need 7.45e-06 GiB, more than the 3.81e-06 GiB of memory this "
+                       r"machine has"):
+        data.read_idx(path)
+    monkeypatch.setattr(base, "memory_bytes", lambda: 10**4)
+    _write_mnist(tmp_path)
+    with pytest.raises(ValueError, match=r"standardising 450 pixels would need"):
+        data.load("mnist", data_dir=tmp_path)
+
+
+def test_absurd_labels_are_refused_before_any_model_is_built(tmp_path):
+    _write_mnist(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    one_billion = (np.arange(12) % 10).astype(np.int32)
+    one_billion[3] = 10**9
+    _write(labels, gzip.compress(_idx_bytes(one_billion)))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: class label 1000000000 is "
+                       r"out of range: labels must lie in \[0, 12\) \(at most 65536 classes, "
+                       r"and no more than the 12 training images\)"):
+        data.load("mnist", data_dir=tmp_path)
+    gap = (np.arange(12) % 10).astype(np.uint8)
+    gap[gap == 8] = 9  # class 8 has no training image (nor a test one)
+    _write(labels, gzip.compress(_idx_bytes(gap)))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: the training split lacks "
+                       r"class\(es\) \[8\] of \[0, 10\); every class needs training samples"):
+        data.load("mnist", data_dir=tmp_path)
+
+
+def test_a_single_class_or_an_unseen_test_class_is_refused(tmp_path):
+    _write_mnist(tmp_path)
+    _write(tmp_path / "train-labels-idx1-ubyte.gz",
+           gzip.compress(_idx_bytes(np.full(12, 3, np.uint8))))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: the training split holds "
+                       r"a single class \(3\); a classifier needs at least two"):
+        data.load("mnist", data_dir=tmp_path)
+    _write_mnist(tmp_path)
+    _write(tmp_path / "train-labels-idx1-ubyte.gz",
+           gzip.compress(_idx_bytes((np.arange(12) % 2).astype(np.uint8))))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: the test split holds "
+                       r"class\(es\) \[2, 3, 4, 5\] that the training split "
+                       r"\(.*train-labels-idx1-ubyte.gz\) lacks"):
+        data.load("mnist", data_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"load\('toy'\): the test split holds class\(es\) "
+                       r"\[0, 1, 2, 3, 4, … \(2 more\)\] that the training split lacks"):
+        data.check_classes(np.array([7, 8]), np.arange(9), "load('toy')", "load('toy')")
 
 
 @pytest.mark.parametrize("call, message", [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from typing import ClassVar
 
 import jax
@@ -63,12 +64,24 @@ def default_float_dtype():
 
 
 def check_array(layer: str, arg: str, x) -> None:
-    """Raise a ValueError unless ``x`` is an array (JAX's or NumPy's, or a tracer)."""
+    """Raise a ValueError unless ``x`` is an array (JAX's or NumPy's, or a tracer) of numbers."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
         raise ValueError(
             f"{layer}: {arg} must be an array (jax.numpy or numpy); got {type(x).__name__}"
             + (" (convert it with jnp.asarray)" if isinstance(x, (list, tuple)) else "")
         )
+    check_numeric(layer, arg, x)
+
+
+def check_numeric(where: str, arg: str, x) -> None:
+    """Raise a ValueError if array ``x`` holds no numbers (an object, string or key dtype)."""
+    try:
+        numeric = jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)
+    except TypeError:
+        numeric = False
+    if not numeric:
+        raise ValueError(f"{where}: {arg} must be an array of numbers (bool, int or float); got "
+                         f"dtype {x.dtype}")
 
 
 def check_rank(layer: str, arg: str, x, rank: int, layout: str) -> None:
@@ -151,3 +164,23 @@ def check_real(where: str, arg: str, value, minimum: float | None = None) -> flo
         expected = "a finite number" if minimum is None else f"a finite number >= {minimum}"
         raise ValueError(f"{where}: {arg} must be {expected}; got {value!r}")
     return float(value)
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(where: str, what: str, nbytes: int) -> None:
+    """A ValueError naming ``where`` if ``nbytes`` exceed the physical memory.
+
+    Called with an estimate before allocating, so that an absurd size is an error
+    rather than a machine swapping or hanging.
+    """
+    memory = memory_bytes()
+    if memory is not None and nbytes > memory:
+        raise ValueError(f"{where}: {what} would need {nbytes / 2**30:.3g} GiB, more than the "
+                         f"{memory / 2**30:.3g} GiB of memory this machine has")
