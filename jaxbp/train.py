@@ -80,16 +80,22 @@ def is_train_state(state) -> bool:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or Inf; ``state`` is the last good state (end of the previous epoch)."""
+    """Training diverged: a loss, the parameters or the optimizer state became NaN or Inf.
 
-    def __init__(self, epoch: int, step: int, steps: int, global_step: int, value, state):
-        self.epoch, self.step, self.global_step, self.value, self.state = (
-            epoch, step, global_step, value, state,
+    ``what`` says which (``"loss is nan"``, ``"the update made the parameters
+    non-finite"``, ``"the epoch's test loss is inf"``, …); ``epoch`` and ``step`` (1-based
+    within the epoch) say where. ``state`` is the last good state: the one the
+    epoch started from, which ``on_epoch`` has already seen (or the state ``fit``
+    was given, when it is the first epoch of the call).
+    """
+
+    def __init__(self, what: str, epoch: int, step: int, steps: int, global_step: int, state):
+        self.what, self.epoch, self.step, self.global_step, self.state = (
+            what, epoch, step, global_step, state,
         )
         super().__init__(
-            f"training diverged: loss is {value} at epoch {epoch}, step {step} of {steps} "
-            f"(global step {global_step}); the parameters from the end of epoch {epoch - 1} "
-            f"are kept"
+            f"training diverged: {what} at epoch {epoch}, step {step} of {steps} "
+            f"(global step {global_step})"
         )
 
 
@@ -249,8 +255,32 @@ def _epoch_indices(key, n, steps, batch_size, impl):
     return jax.random.key_data(key), perm.reshape(steps, batch_size)
 
 
+def _all_finite(tree):
+    """Whether no float leaf of ``tree`` holds a NaN or ±inf (a boolean array, traceable)."""
+    checks = [jnp.isfinite(a).all() for a in jax.tree.leaves(tree)
+              if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
+
+
+def _checked(step):
+    """``step`` whose metrics are ``(loss, params finite, opt_state finite)``.
+
+    The loss is computed before the update, the two flags after it, so a step
+    whose update overflows is caught at that step, not one step later.
+    """
+
+    def checked(params, opt_state, batch):
+        params, opt_state, metrics = step(params, opt_state, batch)
+        return params, opt_state, (metrics["loss"], _all_finite(params), _all_finite(opt_state))
+
+    return checked
+
+
 def _fused_epoch(step, steps, batch_size, impl, batch_sharding):
-    """One epoch as a single jitted ``lax.scan`` over its steps; the data stays on device."""
+    """One epoch as a single jitted ``lax.scan`` over its steps; the data stays on device.
+
+    ``step`` is a ``_checked`` step; the epoch returns its metrics stacked over the steps.
+    """
 
     def epoch(params, opt_state, key, x, y):
         key, idx = _epoch_indices(key, x.shape[0], steps, batch_size, impl)
@@ -259,11 +289,11 @@ def _fused_epoch(step, steps, batch_size, impl, batch_sharding):
             batch = (x[i], y[i])
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            params, opt_state, metrics = step(*carry, batch)
-            return (params, opt_state), metrics["loss"]
+            params, opt_state, checks = step(*carry, batch)
+            return (params, opt_state), checks
 
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), idx)
-        return params, opt_state, key, losses
+        (params, opt_state), checks = jax.lax.scan(body, (params, opt_state), idx)
+        return params, opt_state, key, checks
 
     return jax.jit(epoch)
 
@@ -278,12 +308,12 @@ def _looped_epoch(step, steps, batch_size, impl, mesh):
 
     def epoch(params, opt_state, key, x, y):
         key, idx = indices(key, x.shape[0])
-        losses = []
+        checks = []
         for i in np.asarray(idx):
             batch = parallel.shard_batch((x[i], y[i]), mesh)
-            params, opt_state, metrics = jit_step(params, opt_state, batch)
-            losses.append(metrics["loss"])
-        return params, opt_state, key, jnp.stack(losses)
+            params, opt_state, step_checks = jit_step(params, opt_state, batch)
+            checks.append(step_checks)
+        return params, opt_state, key, tuple(jnp.stack(c) for c in zip(*checks))
 
     epoch.compiled = (jit_step, indices)
     return epoch
@@ -307,7 +337,8 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
     is a ``TrainState`` (and, given ``opt``, holds a state of ``opt``), ``data``
     has both splits with finite features, ``on_epoch`` is callable or ``None``,
     and the labels of both splits suit the network's output (e.g. integer labels
-    lie in ``[0, classes)``).
+    lie in ``[0, classes)``); a classifier's training split holds at least two
+    classes and every class of the test split.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         check_int("fit", name, value)
@@ -347,6 +378,12 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
             net.validate_labels(state.params, x, y)
         except ValueError as err:
             raise ValueError(f"fit: {split} split: {err}") from None
+    if net.loss_fn.takes_labels:  # a classifier: classes the test split needs, trained
+        from .data import check_classes, classes_in
+
+        train_classes, test_classes = classes_in(data.y_train), classes_in(data.y_test)
+        if train_classes is not None and test_classes is not None:
+            check_classes(train_classes, test_classes, "fit", "fit", every_class=False)
     return mesh
 
 
@@ -394,18 +431,23 @@ def fit(
       progress: show a tqdm bar over the epochs with loss and accuracy.
 
     Returns:
-      ``(state, history)``; ``history`` maps ``epoch``, ``train_loss`` (mean ``J``
-      over the epoch's steps), ``train_accuracy``, ``test_loss`` (data loss ``L``),
-      ``test_accuracy`` and ``time`` (seconds since ``fit`` started, compilation
-      included) to per-epoch lists, plus ``steps`` (steps taken), ``device`` and
+      ``(state, history)``; ``history`` maps ``epoch``, ``step`` (optimizer steps
+      completed by the end of that epoch, counting those before this call),
+      ``train_loss`` (mean ``J`` over the epoch's steps), ``train_accuracy``,
+      ``test_loss`` (data loss ``L``), ``test_accuracy`` and ``time`` (seconds
+      since ``fit`` started, compilation included) to per-epoch lists, plus
+      ``steps`` (steps this call took), ``device`` and
       ``compiled`` (the entries this call's epoch functions added to jit's cache,
       i.e. the programs they compiled: 1 fused, 2 looped — never more, however
       many epochs ran; 0 when no epoch ran).
 
     Raises:
       ValueError: an argument ``check_fit_arguments`` rejects, before any training.
-      NonFiniteLossError: the loss became NaN or Inf; names the epoch and the
-        step; ``on_epoch`` is not called for that epoch.
+      NonFiniteLossError: a step's loss, the parameters or the optimizer state
+        after an update, or the epoch's train or test loss became NaN or Inf;
+        names the epoch and the step. That epoch reaches neither the returned
+        history nor ``on_epoch``, so a checkpoint saved there is only ever
+        written from finite values; ``err.state`` is the last good state.
     """
     mesh = check_fit_arguments(net, state, data, epochs=epochs, batch_size=batch_size,
                                devices=devices, opt=opt, on_epoch=on_epoch)
@@ -435,13 +477,13 @@ def fit(
     def as_key(raw):  # the key as the caller passed it: typed or raw
         return jax.random.wrap_key_data(raw, impl=impl) if typed else raw
 
-    step = _step_fn(net, opt, grad)
+    step = _checked(_step_fn(net, opt, grad))
     if fused:
         run_epoch = _fused_epoch(step, steps, batch_size, impl, parallel.batch_sharding(mesh))
     else:
         run_epoch = _looped_epoch(step, steps, batch_size, impl, mesh)
 
-    history = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
+    history = {k: [] for k in ("epoch", "step", "train_loss", "train_accuracy", "test_loss",
                                "test_accuracy", "time")}
     kind = first.platform if first.device_kind == first.platform else first.device_kind
     history["steps"], history["device"] = 0, f"{n_devices} × {kind}"
@@ -454,29 +496,29 @@ def fit(
     epoch, global_step = state.epoch, state.step
     try:
         while epoch < epochs:
-            params_next, opt_next, key_next, losses = run_epoch(
+            params_next, opt_next, key_next, checks = run_epoch(
                 params, opt_state, key, x_train, y_train
             )
-            losses = np.asarray(losses)
-            bad = ~np.isfinite(losses)
-            if bad.any():
-                i = int(np.argmax(bad))
-                good = TrainState(params, opt_state, as_key(key), epoch, global_step)
-                raise NonFiniteLossError(
-                    epoch + 1, i + 1, steps, global_step + i + 1, losses[i], good
-                )
-            params, opt_state, key = params_next, opt_next, key_next
-            epoch, global_step = epoch + 1, global_step + steps
-            test_loss, test_acc = evaluate(net, params, x_test, y_test, mesh)
-            _, train_acc = evaluate(net, params, x_seen, y_seen, mesh)
+            losses = np.asarray(checks[0])
+            test_loss, test_acc = evaluate(net, params_next, x_test, y_test, mesh)
+            _, train_acc = evaluate(net, params_next, x_seen, y_seen, mesh)
             record = {
-                "epoch": epoch,
+                "epoch": epoch + 1,
+                "step": global_step + steps,
                 "train_loss": float(np.mean(losses)),
                 "train_accuracy": float(train_acc),
                 "test_loss": float(test_loss),
                 "test_accuracy": float(test_acc),
                 "time": time.perf_counter() - start,
             }
+            # Nothing of a diverged epoch reaches the state, the history or on_epoch.
+            problem = _divergence(losses, *(np.asarray(c) for c in checks[1:]), record)
+            if problem is not None:
+                i, what = problem
+                good = TrainState(params, opt_state, as_key(key), epoch, global_step)
+                raise NonFiniteLossError(what, epoch + 1, i + 1, steps, global_step + i + 1, good)
+            params, opt_state, key = params_next, opt_next, key_next
+            epoch, global_step = epoch + 1, global_step + steps
             for k, v in record.items():
                 history[k].append(v)
             history["steps"] += steps
@@ -493,6 +535,25 @@ def fit(
             bar.close()
     history["compiled"] = _compile_counts(run_epoch)
     return state, history
+
+
+def _divergence(losses, params_finite, opt_state_finite, record):
+    """``(step index, what)`` of an epoch's first non-finite value, or ``None``.
+
+    Per step, the loss (before the update) comes before the parameters and the
+    optimizer state (after it); the epoch's losses come after its last step.
+    """
+    bad = ~(np.isfinite(losses) & params_finite & opt_state_finite)
+    if bad.any():
+        i = int(np.argmax(bad))
+        if not np.isfinite(losses[i]):
+            return i, f"loss is {losses[i]}"
+        what = "parameters" if not params_finite[i] else "optimizer state"
+        return i, f"the update made the {what} non-finite"
+    for name in ("train_loss", "test_loss"):
+        if not np.isfinite(record[name]):
+            return len(losses) - 1, f"the epoch's {name.replace('_', ' ')} is {record[name]}"
+    return None
 
 
 def _compile_counts(run_epoch) -> int:

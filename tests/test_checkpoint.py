@@ -1,12 +1,15 @@
 """Checkpoints: exact round trips, clear errors, atomic writes under SIGKILL, exact resume."""
 
 import doctest
+import functools
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,8 @@ import numpy as np
 import optax
 import pytest
 import safetensors.numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxbp import checkpoint, cli, data, models, train
 
@@ -25,6 +30,7 @@ def _leaves_equal(a, b) -> bool:
     )
 
 
+@functools.lru_cache
 def _state(hidden=(4,), steps=3):
     """An Adam state a few steps in, so every leaf is non-trivial."""
     net = models.mlp(hidden=hidden, classes=3)
@@ -35,7 +41,25 @@ def _state(hidden=(4,), steps=3):
     x, y = jnp.ones((6, 5), jnp.float32), jnp.arange(6) % 3
     for _ in range(steps):
         params, opt_state, _ = step(params, opt_state, (x, y))
-    return train.TrainState(params, opt_state, jax.random.split(state.key)[0], 2, steps)
+    return train.TrainState(params, opt_state, jax.random.split(state.key)[0], min(2, steps),
+                            steps)
+
+
+def _contents(path):
+    """The arrays and metadata of a safetensors file, as stored."""
+    with safetensors.safe_open(path, framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _rewrite(path, tensors=None, **fields):
+    """Rewrite ``path`` with other arrays or metadata ``fields`` and matching digests: what a
+    writer that records inconsistent values would produce."""
+    stored, metadata = _contents(path)
+    tensors = stored if tensors is None else tensors
+    metadata = {**metadata, **fields, "tensor_sha256": json.dumps(
+        {k: checkpoint._tensor_digest(k, v) for k, v in tensors.items()})}
+    metadata["metadata_sha256"] = checkpoint._metadata_digest(metadata)
+    safetensors.numpy.save_file(tensors, path, metadata=metadata)
 
 
 def test_doctests():
@@ -93,8 +117,10 @@ def test_truncated_and_foreign_files(tmp_path):
         checkpoint.read_metadata(tmp_path / "absent")
     metadata = {"format": checkpoint.FORMAT, "version": str(checkpoint.VERSION), "step": "0"}
     safetensors.numpy.save_file({"w": np.zeros(3)}, str(path), metadata=metadata)
-    with pytest.raises(ValueError, match="lacks metadata field\\(s\\) epoch, config, history "
-                       "\\(a jaxbp checkpoint has epoch, step, config, history\\)"):
+    with pytest.raises(ValueError, match=re.escape(
+            "lacks metadata field(s) epoch, key_impl, config, history, tensor_sha256, "
+            "metadata_sha256 (a jaxbp checkpoint has epoch, step, key_impl, config, history, "
+            "tensor_sha256, metadata_sha256)")):
         checkpoint.read_metadata(path)
 
 
@@ -241,6 +267,10 @@ def test_corrupt_metadata_names_the_field(tmp_path):
     path = tmp_path / "nokey.safetensors"
     safetensors.numpy.save_file({k: v for k, v in tensors.items() if k != "key"}, path,
                                 metadata=metadata)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} is corrupt: array key has "
+                                                   f"a digest but is missing from the file")):
+        checkpoint.restore(path, like=state)
+    _rewrite(path, tensors={k: v for k, v in tensors.items() if k != "key"})  # digests agree
     with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} lacks the 'key' array")):
         checkpoint.restore(path, like=state)
 
@@ -259,7 +289,7 @@ def test_save_and_restore_check_their_arguments(tmp_path):
     with pytest.raises(ValueError, match="checkpoint.save: state.epoch must be an int >= 0; "
                        "got -1"):
         checkpoint.save(tmp_path / "c", state._replace(epoch=-1))
-    checkpoint.save(tmp_path / "c", state._replace(epoch=jax.numpy.int32(3)))
+    checkpoint.save(tmp_path / "c", state._replace(epoch=jax.numpy.int32(3), step=3))
     with pytest.raises(ValueError, match="checkpoint.restore: like must be a train.TrainState"):
         checkpoint.restore(tmp_path / "c", like=state.params)
     assert checkpoint.restore(tmp_path / "c", like=state)[0].epoch == 3
@@ -282,3 +312,220 @@ def test_a_state_class_from_a_reloaded_module_is_still_a_train_state(tmp_path):
     Reloaded = collections.namedtuple("TrainState", train.TrainState._fields)
     checkpoint.save(tmp_path / "c", Reloaded(*state))
     assert checkpoint.restore(tmp_path / "c", like=Reloaded(*state))[0].step == 0
+
+
+# -------------------------------------------------------------------- integrity
+
+
+def _saved(tmp_path, epochs=3):
+    """A checkpoint of a 3-epoch run with fit's per-epoch history, and a template state."""
+    like = _state(steps=0)._replace(epoch=0, step=0)
+    history = {"epoch": list(range(1, epochs + 1)), "step": [4 * e for e in range(1, epochs + 1)],
+               "test_loss": [1.0 / e for e in range(1, epochs + 1)]}
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(path, _state()._replace(epoch=epochs, step=4 * epochs), history=history)
+    return path, like
+
+
+def _one_line_error(call, path) -> str:
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def test_flipped_bytes_and_edited_metadata_are_refused(tmp_path):
+    path, like = _saved(tmp_path)
+    raw = path.read_bytes()
+    flipped = bytearray(raw)
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    for i in (0, 3, 100, 400):  # four bytes of array data
+        flipped[data_start + i] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    assert "is corrupt: array " in _one_line_error(lambda: checkpoint.restore(path, like), path)
+    tensors, metadata = _contents(_saved(tmp_path)[0])
+    history = json.loads(metadata["history"])
+    edits = [dict(epoch="1"), dict(step="999999"),
+             dict(history=json.dumps({k: v[:2] for k, v in history.items()}))]
+    for fields in edits:  # edited by hand: the metadata digest no longer matches
+        safetensors.numpy.save_file(tensors, path, metadata={**metadata, **fields})
+        for call in (lambda: checkpoint.restore(path, like),
+                     lambda: checkpoint.read_metadata(path)):
+            assert "is corrupt: its metadata does not match the SHA-256 digest" in \
+                _one_line_error(call, path)
+    safetensors.numpy.save_file({**tensors, "extra": np.zeros(2, np.float32)}, path,
+                                metadata=metadata)
+    assert "is corrupt: array extra has no digest" in \
+        _one_line_error(lambda: checkpoint.restore(path, like), path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(epoch="1"), "epoch 1 with a history of 3 epochs [1, 2, 3]"),
+    (dict(step="999999"), "step 999999 with a history of steps [4, 8, 12] after epochs "
+                          "[1, 2, 3] (expected an increasing count"),
+    (dict(step="2"), "epoch 3 with step 2 (every epoch takes at least one step)"),
+    (dict(history=json.dumps({"epoch": [1, 2], "step": [4, 8]})),
+     "epoch 3 with a history of 2 epoch(s) [1, 2] (expected [2, 3])"),
+    (dict(history=json.dumps({"epoch": [1, 2, 3], "test_loss": [1.0]})),
+     "its history's per-epoch lists differ in length (epoch: 3, test_loss: 1)"),
+])
+def test_inconsistent_metadata_is_refused_even_with_matching_digests(tmp_path, fields, message):
+    path, like = _saved(tmp_path)
+    _rewrite(path, **fields)
+    for call in (lambda: checkpoint.restore(path, like), lambda: checkpoint.read_metadata(path)):
+        assert f"checkpoint {path} is inconsistent: {message}" in _one_line_error(call, path)
+
+
+def test_only_the_expected_arrays_are_accepted(tmp_path):
+    path, like = _saved(tmp_path)
+    tensors, _ = _contents(path)
+    _rewrite(path, tensors={**tensors, "stray": np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match=r"stray float32\[1\] is in the checkpoint but not in "
+                       r"the model"):
+        checkpoint.restore(path, like)
+    _rewrite(path, tensors={**tensors, "key": np.zeros(3, np.uint32)})
+    assert "its PRNG key data is uint32[3]; a threefry2x32 key is uint32[2]" in \
+        _one_line_error(lambda: checkpoint.restore(path, like), path)
+    _rewrite(path, tensors={**tensors, "params[0]['b']": np.full(4, np.inf, np.float32)})
+    assert "array params[0]['b'] holds 4 non-finite value(s)" in \
+        _one_line_error(lambda: checkpoint.restore(path, like), path)
+
+
+def test_save_refuses_non_finite_or_inconsistent_state_and_keeps_the_old_file(tmp_path):
+    path, _ = _saved(tmp_path)
+    before = path.read_bytes()
+    state = _state()._replace(epoch=4, step=16)
+    nan = state._replace(params=jax.tree.map(lambda a: a.at[0].set(np.nan), state.params))
+    with pytest.raises(ValueError, match=re.escape("checkpoint.save: params[0]['W'] holds 4 "
+                                                   "non-finite value(s)")):
+        checkpoint.save(path, nan)
+    with pytest.raises(ValueError, match="checkpoint.save: epoch 4 with a history of 1 epoch"):
+        checkpoint.save(path, state, history={"epoch": [1]})
+    with pytest.raises(ValueError, match=r"checkpoint.save: history\['test_loss'\] must be "
+                       r"JSON-serialisable \(str, finite number"):
+        checkpoint.save(path, state, history={"test_loss": [float("inf")]})
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors"]
+
+
+def test_stale_temporaries_are_removed_by_the_next_save(tmp_path):
+    ours = [f".c.safetensors.{'0123456789abcdef' * 2}.tmp", f".c.safetensors.{'f' * 32}.tmp"]
+    others = [".c.safetensors.0123.tmp", f".d.safetensors.{'f' * 32}.tmp",
+              f"c.safetensors.{'f' * 32}.tmp", f".c.safetensors.{'F' * 32}.tmp", "notes.txt"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"partial")
+    os.mkdir(tmp_path / f".c.safetensors.{'e' * 32}.tmp")  # not a file: not ours
+    checkpoint.save(tmp_path / "c.safetensors", _state(steps=0))
+    left = set(os.listdir(tmp_path))
+    assert left == {"c.safetensors", f".c.safetensors.{'e' * 32}.tmp", *others}
+    assert checkpoint.remove_stale_temporaries(tmp_path / "absent" / "c") == []
+
+
+def test_cli_refuses_a_corrupt_checkpoint_in_one_line(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    common = ["train", "--dataset", "iris", "--batch-size", "30", "--skip-gradcheck",
+              "--checkpoint-dir", str(ck)]
+    assert cli.main([*common, "--epochs", "2"]) == 0
+    path = ck / checkpoint.FILENAME
+    good = path.read_bytes()
+    metadata = _contents(path)[1]
+    corruptions = {  # more kinds of damage: the tests above and the fuzz test below
+        "flipped": lambda: path.write_bytes(good[:-8] + bytes(b ^ 1 for b in good[-8:])),
+        "history cut": lambda: _rewrite(path, history=json.dumps(  # consistent, but partial
+            {k: v[1:] for k, v in json.loads(metadata["history"]).items()})),
+    }
+    stale = ck / f".{checkpoint.FILENAME}.{'0' * 32}.tmp"  # left by a save cut short
+    stale.write_bytes(good[:100])
+    capsys.readouterr()
+    for name, corrupt in corruptions.items():
+        path.write_bytes(good)
+        corrupt()
+        assert cli.main([*common, "--epochs", "3", "--resume"]) == 2, name
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: checkpoint {path}") and err.count("\n") == 1, err
+        assert "resumed" not in out and "Traceback" not in err
+        assert not stale.exists()  # removed when the run started
+        assert (f"removed {stale}, left by an interrupted save" in out) == (name == "flipped")
+    assert "its history covers 1 of its 2 epochs; jaxbp train saves every epoch's" in err
+
+
+# ------------------------------------------------------------------------ fuzz
+
+
+def _split_header(raw: bytes):
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _join_header(header: dict, body: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body
+
+
+@st.composite
+def _corruptions(draw, raw: bytes):
+    """``raw`` truncated, with bytes flipped, or with its JSON header edited."""
+    kind = draw(st.sampled_from(["truncate", "flip", "metadata", "tensor", "length"]))
+    if kind == "truncate":
+        return raw[:draw(st.integers(0, len(raw) - 1))]
+    if kind == "flip":
+        out = bytearray(raw)
+        for i, bit in draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 7)),
+                                    min_size=1, max_size=4)):
+            out[i] ^= 1 << bit
+        return bytes(out)
+    if kind == "length":
+        return draw(st.integers(0, 2**64 - 1)).to_bytes(8, "little") + raw[8:]
+    header, body = _split_header(raw)
+    if kind == "metadata":
+        metadata = header["__metadata__"]
+        field = draw(st.sampled_from(sorted(metadata) + ["extra"]))
+        metadata[field] = draw(st.one_of(
+            st.text(max_size=12), st.integers(0, 10**7).map(str),
+            st.sampled_from(["{}", "[]", "NaN", '{"epoch": [1, 2]}', metadata.get(field, "")]),
+        ))
+        return _join_header(header, body)
+    name = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    change = draw(st.sampled_from(["dtype", "shape", "data_offsets", "drop", "copy"]))
+    if change == "drop":
+        del header[name]
+    elif change == "copy":
+        header[draw(st.sampled_from(["extra", "params[9]['W']", "key "]))] = header[name]
+    elif change == "dtype":
+        header[name]["dtype"] = draw(st.sampled_from(["F32", "F64", "F16", "BF16", "I32", "U32",
+                                                       "U8", "I64", "BOOL", "X"]))
+    elif change == "shape":
+        header[name]["shape"] = draw(st.lists(st.integers(0, 12), max_size=3))
+    else:
+        header[name]["data_offsets"] = draw(st.lists(st.integers(0, len(body) + 8),
+                                                     min_size=2, max_size=2))
+    return _join_header(header, body)
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory):
+    path, like = _saved(tmp_path_factory.mktemp("fuzz"))
+    return path.read_bytes(), like, checkpoint.restore(path, like)
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_a_corrupted_checkpoint_is_restored_exactly_or_refused_in_one_line(
+        tmp_path_factory, saved_bytes, data):
+    raw, like, (original, original_meta) = saved_bytes
+    path = tmp_path_factory.mktemp("case") / "c.safetensors"
+    path.write_bytes(data.draw(_corruptions(raw)))
+    for call in (lambda: checkpoint.read_metadata(path), lambda: checkpoint.restore(path, like)):
+        start = time.perf_counter()
+        try:
+            result = call()
+        except ValueError as err:
+            assert "\n" not in str(err) and f"checkpoint {path}" in str(err), str(err)
+        else:
+            meta = result[1] if isinstance(result, tuple) else result
+            assert meta == original_meta
+            if isinstance(result, tuple):
+                raw = [s._replace(key=jax.random.key_data(s.key)) for s in (result[0], original)]
+                assert _leaves_equal(*raw)
+        assert time.perf_counter() - start < 3

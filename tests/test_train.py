@@ -1,6 +1,7 @@
 """Training: the jitted step, fused epochs, manual = autodiff, weight decay, divergence, CLI."""
 
 import doctest
+import os
 import textwrap
 
 import jax
@@ -55,7 +56,7 @@ def test_doctests():
 def test_fit_learns_and_records_history(manual_run):
     state, history = manual_run
     assert state.epoch == 10 and state.step == 100 and history["steps"] == 100
-    assert history["epoch"] == list(range(1, 11))
+    assert history["epoch"] == list(range(1, 11)) and history["step"] == list(range(10, 101, 10))
     assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
     assert history["test_accuracy"][-1] > 0.8 and history["train_accuracy"][-1] > 0.8
     assert np.all(np.diff(history["time"]) > 0)
@@ -212,6 +213,37 @@ def test_nonfinite_loss_names_epoch_and_step_and_keeps_last_good_state(spirals):
     assert [s.epoch for s in seen] == [1, 2]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_update_that_overflows_stops_training_at_that_step(spirals, fused):
+    # The loss of a step is computed before its update: only the parameters after the
+    # update show that the epoch's last step diverged.
+    net = models.mlp(hidden=(4,), classes=3)
+    opt = optax.sgd(lambda count: jnp.where(count == 9, jnp.inf, 0.05))  # epoch 1's last step
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape, jnp.float32)
+    seen = []
+    message = (r"training diverged: the update made the parameters non-finite at epoch 1, "
+               r"step 10 of 10 \(global step 10\)$")
+    with pytest.raises(train.NonFiniteLossError, match=message) as info:
+        train.fit(net, opt, state, spirals, epochs=2, batch_size=48, fused=fused,
+                  on_epoch=lambda s, r: seen.append(s))
+    assert seen == [] and info.value.state.epoch == 0
+    assert _bit_equal(info.value.state.params, state.params)
+
+
+def test_a_non_finite_test_loss_stops_training_before_on_epoch(spirals):
+    x_test = spirals.x_test.copy()
+    x_test[0] = 3e38  # finite, but its logits overflow
+    net = models.mlp(hidden=(16,), classes=3)
+    opt = optax.adam(1e-2)
+    state = train.init_state(net, opt, jax.random.key(0), spirals.input_shape, jnp.float32)
+    seen = []
+    with pytest.raises(train.NonFiniteLossError, match=r"the epoch's test loss is (nan|inf) at "
+                       r"epoch 1, step 10 of 10 \(global step 10\)"):
+        train.fit(net, opt, state, spirals._replace(x_test=x_test), epochs=2, batch_size=48,
+                  on_epoch=lambda s, r: seen.append(r))
+    assert seen == []
+
+
 def test_bad_arguments_raise(spirals):
     net = models.mlp(hidden=(4,), classes=3)
     opt = optax.sgd(0.1)
@@ -338,3 +370,40 @@ def test_fit_refuses_what_it_cannot_train_with_before_any_step():
     with pytest.raises(ValueError, match="evaluate: x must hold at least one sample; got "
                        r"shape \(0, 4\)"):
         train.evaluate(net, state.params, ds.x_test[:0], ds.y_test[:0])
+
+
+def test_cli_divergence_says_what_was_saved_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    path = ck / "checkpoint.safetensors"
+    common = ["train", "--dataset", "iris", "--batch-size", "30", "--skip-gradcheck",
+              "--optimizer", "sgd", "--checkpoint-dir", str(ck)]
+    assert cli.main([*common, "--epochs", "1", "--lr", "3e38"]) == 1
+    err = capsys.readouterr().err
+    assert "error: training diverged: " in err and " at epoch 1, step " in err
+    assert (f"nothing was saved: no epoch of this run finished before it diverged, so there is "
+            f"no {path}") in err
+    assert "kept" not in err and not ck.exists()
+    assert cli.main([*common, "--epochs", "1", "--lr", "0.01"]) == 0
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert cli.main([*common, "--epochs", "3", "--lr", "3e38", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert " at epoch 2, step " in err
+    assert f"the last good checkpoint {path} (epoch 1) is left as it was" in err
+    assert path.read_bytes() == before
+
+
+def test_cli_plot_file_that_cannot_be_created_is_refused_before_training(tmp_path, capsys):
+    too_long = tmp_path / ("c" * 300 + ".png")  # passes the directory checks
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "1", "--plot", str(too_long)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and f"error: train: --plot: cannot write {too_long}: File name too long" in err
+    assert "gradcheck" not in out
+    # the probe leaves nothing behind, even when a later check stops the run
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "1", "--plot",
+                   str(tmp_path / "c.png"), "--batch-size", "1000"])
+    assert rc == 2 and os.listdir(tmp_path) == []
+    (tmp_path / "old.png").write_bytes(b"old curves")
+    rc = cli.main(["train", "--dataset", "iris", "--epochs", "1", "--plot",
+                   str(tmp_path / "old.png"), "--batch-size", "1000"])
+    assert rc == 2 and (tmp_path / "old.png").read_bytes() == b"old curves"
