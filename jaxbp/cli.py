@@ -72,6 +72,15 @@ NON_NEGATIVE_INT = number(int, 0, "an int ≥ 0")
 SEED = number(int, 0, "an int in [0, 2**32)", maximum=2**32)
 
 
+def host_port(text: str) -> str:
+    """An argparse ``type``: ``HOST:PORT`` with a port in [1, 65535] (an IPv6 host in brackets)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in [1, 65535]; "
+                                         f"got {text!r}")
+    return text
+
+
 def _as_float32(text: str) -> float:
     """``text`` rounded to float32, as training uses it (1e300 becomes inf, 1e-50 zero)."""
     with np.errstate(over="ignore", under="ignore"):

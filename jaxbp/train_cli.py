@@ -7,10 +7,17 @@ summary, optionally save a checkpoint after every epoch and plot the curves.
 
 ``--epochs`` is the total: ``--resume`` continues a checkpoint from its epoch up
 to ``--epochs``, and gives exactly the parameters an uninterrupted run would.
+
+Several processes (``--coordinator``, ``--num-processes``, ``--process-id`` or
+``--distributed``) first join one JAX job; each runs every step, only process 0
+prints and writes files, and before training all of them agree that each can
+train from the same start, so that one that stops stops the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -18,12 +25,15 @@ import time
 from . import data
 from .cli import (
     NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
     SEED,
     existing_ancestor,
+    host_port,
     output_file_problem,
 )
+from .parallel import CLUSTERS
 
 # Per-model defaults: the plain command reaches ≥ 97% (MLP) / ≥ 98% (CNN) test
 # accuracy on digits within a minute on two CPU cores.
@@ -73,7 +83,24 @@ def add_arguments(parser) -> None:
                         help="save loss and accuracy curves at PATH, in the format of its "
                         "extension (png, pdf, svg, ...); PATH.png when it has none")
     parser.add_argument("--devices", type=POSITIVE_INT,
-                        help="devices for data parallelism (default: all visible)")
+                        help="devices for data parallelism (default: all visible); with "
+                        "several processes a multiple of their count, the same number from each")
+    several = parser.add_argument_group(
+        "several processes (hosts)",
+        "Any of these calls jax.distributed.initialize() first; what is not given JAX takes "
+        f"from the cluster environment it detects ({CLUSTERS}). Every process runs the same "
+        "command (but for --process-id) on the same data; only process 0 prints and writes "
+        "checkpoints.")
+    several.add_argument("--coordinator", type=host_port, metavar="HOST:PORT",
+                         help="address of process 0, which serves the coordinator there; "
+                         "the same in every process")
+    several.add_argument("--num-processes", type=POSITIVE_INT, metavar="N",
+                         help="number of processes")
+    several.add_argument("--process-id", type=NON_NEGATIVE_INT, metavar="I",
+                         help="this process's index in [0, N)")
+    several.add_argument("--distributed", action="store_true",
+                         help="join a run of several processes that the cluster environment "
+                         "describes (no other option needed there)")
     parser.add_argument("--skip-gradcheck", action="store_true",
                         help="train without checking the gradients first")
 
@@ -147,6 +174,20 @@ def _check_paths(args, ckpt: str | None) -> None:
                 f"train: --plot {args.plot}: cannot write .{extension} files; use one of "
                 f"{', '.join(sorted(_plot_formats()))}"
             )
+        try:  # what only writing shows: a read-only filesystem, a name too long for it
+            _try_writing(path)
+        except OSError as err:
+            raise ValueError(f"train: --plot: cannot write {path}: {err.strerror}") from None
+
+
+def _try_writing(path: str) -> None:
+    """Open ``path`` for writing and close it, changing nothing: a new file is removed
+    again, an existing one is opened for appending and left as it was."""
+    existed = os.path.exists(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666))
+    if not existed:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class _CheckpointWriteError(Exception):
@@ -176,6 +217,10 @@ def _check_resume(path: str, config: dict) -> dict:
     if bad:  # jaxbp train saves one list entry per epoch
         raise ValueError(f"checkpoint {path}: its history must map names to per-epoch lists; "
                          f"{bad[0]!r} is not a list")
+    covered = len(meta["history"].get("epoch", []))
+    if covered != meta["epoch"]:  # read_metadata checked that the lists end at its epoch
+        raise ValueError(f"checkpoint {path}: its history covers {covered} of its "
+                         f"{meta['epoch']} epochs; jaxbp train saves every epoch's entries")
     saved = meta["config"]
     differ = [k for k in STRUCTURAL if saved.get(k) != config[k]]
     if differ:
@@ -187,6 +232,32 @@ def _check_resume(path: str, config: dict) -> dict:
         if saved.get(k) != config[k]:
             print(f"note: {k} was {saved.get(k)!r} in the checkpoint, now {config[k]!r}")
     return meta
+
+
+def _start(config: dict, ds, state) -> str:
+    """What the processes of one run must share: options, data and the state they start from.
+
+    The state (from init or a checkpoint) and the labels are compared exactly; the
+    features only by shape, since standardising them may round differently on
+    different CPUs. Such rounding changes the result slightly but cannot split the
+    processes: the gradients are summed over all of them, while differing states
+    would drift apart.
+    """
+    import jax
+    import numpy as np
+
+    def digest(*arrays) -> str:
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:12]
+
+    params, opt_state, key = state.params, state.opt_state, jax.random.key_data(state.key)
+    options = np.frombuffer(repr(sorted(config.items())).encode(), np.uint8)
+    return (f"options {digest(options)}, "
+            f"data {ds.x_train.shape}+{ds.x_test.shape} with labels "
+            f"{digest(ds.y_train, ds.y_test)}, state at epoch {state.epoch} step {state.step} "
+            f"{digest(*jax.tree.leaves((params, opt_state, key)))}")
 
 
 def _gradcheck(net, params, x, y) -> bool:
@@ -239,11 +310,67 @@ def plot_history(history: dict, path: str) -> str:
     return path
 
 
+# Where the processes of a multi-process run agree that all of them can train
+# (parallel.agree), before the first collective.
+_READY = "training"
+_SEVERAL = ("coordinator", "num_processes", "process_id")
+
+
+def _save_plot(history: dict, path: str) -> int:
+    """Plot ``history`` to ``path``; the exit status (1 when the file cannot be written)."""
+    import jax
+
+    if jax.process_index() != 0:  # one writer when several hosts train
+        return 0
+    try:
+        print(f"saved curves to {plot_history(history, path)}")
+    except OSError as err:  # e.g. the disk filled up during training
+        print(f"error: train: --plot: cannot write {plot_path(path)}: {err.strerror or err}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args) -> int:
+    """``jaxbp train``; the exit status. Several processes first join one JAX job."""
+    given = {k: getattr(args, k) for k in _SEVERAL}
+    if not args.distributed and all(v is None for v in given.values()):
+        return _run(args)
+    import jax
+
+    from . import parallel
+
+    n, i = args.num_processes, args.process_id
+    if n is not None and i is not None and i >= n:
+        print(f"error: train: --process-id must be in [0, {n}) for --num-processes {n}; "
+              f"got {i}", file=sys.stderr)
+        return 2
+    try:
+        parallel.initialize(**given)
+    except ValueError:
+        missing = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is None)
+        print(f"error: train: no cluster environment JAX detects ({CLUSTERS}) is set up here; "
+              f"pass {missing}", file=sys.stderr)
+        return 2
+    try:
+        if jax.process_index() == 0:
+            status = _run(args)
+        else:  # only process 0 reports; every process prints its errors (stderr)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                status = _run(args)
+    except BaseException:
+        parallel.agree(_READY, "stopped with an error before training")
+        raise
+    # Nothing is sent when this process got as far as training.
+    parallel.agree(_READY, f"stopped before training (exit status {status})")
+    return status
+
+
+def _run(args) -> int:
     start = time.perf_counter()
     import jax
 
-    from . import checkpoint, train
+    from . import checkpoint, parallel, train
 
     if args.resume and not args.checkpoint_dir:
         print("error: train: --resume needs --checkpoint-dir", file=sys.stderr)
@@ -256,6 +383,9 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if ckpt and jax.process_index() == 0:  # the writer's own leftovers, by their name pattern
+        for stale in checkpoint.remove_stale_temporaries(ckpt):
+            print(f"removed {stale}, left by an interrupted save")
     layout = "image" if config["model"] == "cnn" else "flat"
     try:
         ds = data.load(config["dataset"], layout=layout, data_dir=args.data_dir)
@@ -277,14 +407,19 @@ def run(args) -> int:
             meta = _check_resume(ckpt, config)
             state, meta = checkpoint.restore(ckpt, like=state)
         except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            problem = str(err)
+            if jax.process_count() > 1 and not os.path.isfile(ckpt):
+                problem += ("; resuming needs the checkpoint on every host (a shared filesystem "
+                            "or a copy)")
+            print(f"error: {problem}", file=sys.stderr)
+            parallel.agree(_READY, problem)
             return 2
         history = {k: list(v) for k, v in meta["history"].items()}
         print(f"resumed {ckpt} at epoch {state.epoch} (step {state.step})")
         if state.epoch >= config["epochs"]:
             print(f"nothing to do: already at epoch {state.epoch} of {config['epochs']}")
             if args.plot is not None and history.get("epoch"):
-                print(f"saved curves to {plot_history(history, args.plot)}")
+                return _save_plot(history, args.plot)
             return 0
 
     print(
@@ -303,27 +438,44 @@ def run(args) -> int:
         if not _gradcheck(net, state.params, ds.x_train[:n], ds.y_train[:n]):
             print("error: manual gradients disagree with autodiff; not training", file=sys.stderr)
             return 1
+    try:  # on several hosts: every process can train, from the same start, or none starts
+        parallel.agree(_READY, same=_start(config, ds, state) if jax.process_count() > 1 else "")
+    except ValueError as err:
+        print(f"error: train: {err}", file=sys.stderr)
+        return 2
 
     def on_epoch(state, record):
         for k, v in record.items():
             history.setdefault(k, []).append(v)
+        problem = None
         if ckpt and jax.process_index() == 0:  # one writer when several hosts train
             try:
                 checkpoint.save(ckpt, state, config=config, history=history)
             except OSError as err:  # disk full, permissions: stop, naming the file
-                raise _CheckpointWriteError(f"train: cannot write the checkpoint {ckpt}: "
-                                            f"{err}") from None
+                problem = f"train: cannot write the checkpoint {ckpt}: {err}"
+        if ckpt:  # the others stop with the writer, not wait for it in the next epoch
+            try:
+                parallel.agree(f"epoch {state.epoch}", problem)
+            except ValueError as err:
+                problem = str(err)
+        if problem:
+            raise _CheckpointWriteError(problem)
 
     try:
         state, run_history = train.fit(
             net, opt, state, ds, epochs=config["epochs"], batch_size=config["batch_size"],
-            grad=config["grad"], devices=args.devices, on_epoch=on_epoch, progress=True,
+            grad=config["grad"], devices=args.devices, on_epoch=on_epoch,
+            progress=jax.process_index() == 0,
         )
     except train.NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         if ckpt and os.path.exists(ckpt):
-            print(f"the last good checkpoint is {ckpt} (epoch {err.epoch - 1})", file=sys.stderr)
-        elif not ckpt:
+            print(f"the last good checkpoint {ckpt} (epoch {err.epoch - 1}) is left as it was",
+                  file=sys.stderr)
+        elif ckpt:
+            print(f"nothing was saved: no epoch of this run finished before it diverged, so "
+                  f"there is no {ckpt}", file=sys.stderr)
+        else:
             print("nothing was saved (pass --checkpoint-dir to keep the last good epoch)",
                   file=sys.stderr)
         return 1
@@ -345,5 +497,5 @@ def run(args) -> int:
         f"wall {time.perf_counter() - start:.1f} s"
     )
     if args.plot is not None:
-        print(f"saved curves to {plot_history(history, args.plot)}")
+        return _save_plot(history, args.plot)
     return 0

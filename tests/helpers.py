@@ -1,13 +1,16 @@
-"""Shared assertions and random parameters for gradient tests, and a runner for simulated
-multi-device scripts."""
+"""Shared assertions and random parameters for gradient tests, and runners for scripts on
+simulated CPU devices: in one process, or as several processes of one JAX job."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import pytest
 
 
 def rel_error(a, b) -> float:
@@ -46,16 +49,66 @@ def random_params(net, input_shape, rng, dtype=np.float64):
     return jax.tree.map(draw, shapes)
 
 
+def _cpu_env(devices: int, **extra) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", **extra)
+
+
+def result(stdout: str):
+    """The decoded JSON of the line ``RESULT <json>`` that a test script printed."""
+    line = next(li for li in stdout.splitlines() if li.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
 def run_on_cpu_devices(script: str, devices: int = 4):
     """Run ``script`` in a fresh Python with ``devices`` simulated CPU devices.
 
     The device count is fixed when JAX starts, hence the subprocess. The script
     prints one line ``RESULT <json>``; its decoded JSON is returned.
     """
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=_cpu_env(devices),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    line = next(li for li in proc.stdout.splitlines() if li.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return result(proc.stdout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(command, processes: int = 2, devices: int = 1, timeout: float = 120,
+                  environ=lambda coordinator, process_id: {}):
+    """Run one JAX job as ``processes`` processes on 127.0.0.1, each with ``devices`` CPUs.
+
+    ``command(coordinator, process_id)`` gives each process's argv and
+    ``environ(coordinator, process_id)`` variables to add to its environment; the
+    coordinator (``"127.0.0.1:PORT"``, a port free now) listens on loopback only.
+    Returns their ``subprocess.CompletedProcess`` in process order; all are
+    killed when they have not finished within ``timeout`` seconds. Skips the
+    test where the host name does not resolve to a loopback address, so that
+    every connection stays on this machine's loopback interface.
+    """
+    if not socket.gethostbyname(socket.gethostname()).startswith("127."):
+        # Gloo connects the processes through the address the host name resolves to.
+        pytest.skip("the host name does not resolve to a loopback address")
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = _cpu_env(devices, JAX_COORDINATOR_BIND_ADDRESS=coordinator)
+    procs = [subprocess.Popen(command(coordinator, i), env={**env, **environ(coordinator, i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(processes)]
+    deadline = time.monotonic() + timeout
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        stderr = [p.stderr for p in done] + [proc.communicate()[1] for proc in procs[len(done):]]
+        raise AssertionError(f"{processes} processes did not finish within {timeout} s; "
+                             f"their stderr: {stderr}") from None
+    return done

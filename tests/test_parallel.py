@@ -85,3 +85,21 @@ def test_shard_batch_needs_a_leading_batch_axis():
         with pytest.raises(ValueError, match=r"parallel.shard_batch: every array needs a leading "
                            r"batch axis to split; got a float32 scalar \(shape \(\)\)"):
             parallel.shard_batch((np.ones(4), np.float32(1)), m)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"coordinator": "localhost"}, r"coordinator must be 'HOST:PORT' with a port in \[1, 65535\]; "
+                                   r"got 'localhost'"),
+    ({"coordinator": "h:0"}, r"coordinator must be 'HOST:PORT'.*got 'h:0'"),
+    ({"num_processes": 0}, r"num_processes must be a positive int; got 0"),
+    ({"num_processes": 2, "process_id": 2}, r"process_id must be an int in \[0, 2\); got 2"),
+    ({"process_id": -1}, r"process_id must be an int in \[0, num_processes\); got -1"),
+])
+def test_initialize_checks_its_arguments_before_jax(kwargs, message):
+    with pytest.raises(ValueError, match=r"parallel.initialize: " + message):
+        parallel.initialize(**kwargs)
+
+
+def test_one_process_agrees_with_itself():
+    assert parallel.agree("start") is None
+    assert parallel.agree("start", "a problem") is None  # nobody to tell

@@ -113,8 +113,9 @@ def test_plot_format_follows_the_extension(tmp_path):
 
 
 def test_help_states_the_defaults(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--help"])
+    assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for expected in ("(default digits)", "(default mlp)", "(default adam)",
                      "default per model: mlp 0.001, cnn 0.001",
@@ -196,6 +197,7 @@ def test_a_resumed_history_must_hold_per_epoch_lists(tmp_path, capsys):
     with safetensors.safe_open(path, framework="numpy") as f:
         metadata = f.metadata()
     metadata["history"] = json.dumps({"epoch": 5})
+    metadata["metadata_sha256"] = checkpoint._metadata_digest(metadata)  # an edit that re-signs
     safetensors.numpy.save_file(tensors, path, metadata=metadata)
     capsys.readouterr()
     rc = cli.main(["train", "--dataset", "iris", "--epochs", "2", "--checkpoint-dir", str(ck),
@@ -207,8 +209,9 @@ def test_a_resumed_history_must_hold_per_epoch_lists(tmp_path, capsys):
 
 def test_lr_must_survive_float32_rounding(capsys):
     for text in ("1e-50", "1e39"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             cli.main(["train", "--lr", text])
+        assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert f"expected a number > 0 that float32 can hold; got '{text}'" in err
     from jaxbp.cli import POSITIVE_FLOAT
