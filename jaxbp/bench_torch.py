@@ -17,16 +17,51 @@ import jax
 import numpy as np
 
 
+def _permute(torch, dims):
+    """A module that permutes its input's axes to ``dims`` (NCHW ↔ NHWC)."""
+
+    class Permute(torch.nn.Module):
+        def forward(self, x):
+            return x.permute(*dims)
+
+    return Permute()
+
+
 def _module(torch, layer, shape):
-    """``(torch module, output shape)`` for one jaxbp layer; ``shape`` excludes the batch."""
+    """``(torch module, output shape)`` for one jaxbp layer; ``shape`` excludes the batch.
+
+    The module computes the layer's function with the layer's settings (GELU's form,
+    ELU's α, LeakyReLU's slope, the norms' ε) on PyTorch's NCHW layout: Softmax and
+    the norms over the channels of images, and Flatten ordering an image's features
+    (H, W, C) as jaxbp does.
+    """
     from .layers.conv import resolve_pads
 
     nn, kind = torch.nn, type(layer).__name__
     out_shape = tuple(layer.init(jax.random.key(0), shape)[1])
+    image = len(shape) == 3
     simple = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "Identity": nn.Identity,
-              "GELU": nn.GELU, "Softplus": nn.Softplus, "ELU": nn.ELU, "Flatten": nn.Flatten}
+              "Softplus": nn.Softplus}
     if kind in simple:
         return simple[kind](), out_shape
+    if kind == "GELU":
+        return nn.GELU(approximate="tanh" if layer.approximate else "none"), out_shape
+    if kind == "ELU":
+        return nn.ELU(alpha=layer.alpha), out_shape
+    if kind == "LeakyReLU":
+        return nn.LeakyReLU(negative_slope=layer.negative_slope), out_shape
+    if kind == "Softmax":  # over jaxbp's last axis: the channels of an image
+        return nn.Softmax(dim=1 if image else -1), out_shape
+    if kind == "Flatten":
+        if not image:
+            return nn.Flatten(), out_shape
+        return nn.Sequential(_permute(torch, (0, 2, 3, 1)), nn.Flatten()), out_shape
+    if kind in ("LayerNorm", "RMSNorm"):  # over jaxbp's last axis: the channels of an image
+        norm = (nn.LayerNorm if kind == "LayerNorm" else nn.RMSNorm)(shape[-1], eps=layer.eps)
+        if not image:
+            return norm, out_shape
+        to_last, to_first = _permute(torch, (0, 2, 3, 1)), _permute(torch, (0, 3, 1, 2))
+        return nn.Sequential(to_last, norm, to_first), out_shape
     if kind == "Dense":
         return nn.Linear(shape[0], layer.units, bias=layer.use_bias), out_shape
     if kind not in ("Conv2D", "MaxPool2D", "AvgPool2D"):

@@ -122,6 +122,90 @@ class ConvStrideIgnored(layers.Conv2D):
         return dparams, dx
 
 
+class TanhDerivativeNotSquared(layers.Tanh):
+    """tanh' = 1 − y instead of 1 − y²."""
+
+    def backward(self, params, residuals, dy):
+        return {}, dy * (1 - residuals.y)
+
+
+class ELUAlphaForgotten(layers.ELU):
+    """dx = dy ⊙ eˣ for x ≤ 0: the α of α eˣ left out."""
+
+    def backward(self, params, residuals, dy):
+        _, dx = super().backward(params, residuals, dy)
+        return {}, jnp.where(residuals.x > 0, dx, dx / self.alpha)
+
+
+class LeakyReLUSlopeForgotten(layers.LeakyReLU):
+    """dx = 0 for x < 0, as for ReLU: the negative side's slope dropped."""
+
+    def backward(self, params, residuals, dy):
+        return {}, jnp.where(residuals.x >= 0, dy, 0)
+
+
+class GELUExactDerivativeForTanhForm(layers.GELU):
+    """The tanh form's forward with the exact form's derivative Φ(x) + x φ(x)."""
+
+    def backward(self, params, residuals, dy):
+        return layers.GELU(approximate=False).backward(params, residuals, dy)
+
+
+class SoftplusDerivativeMirrored(layers.Softplus):
+    """dx = dy ⊙ σ(−x) instead of dy ⊙ σ(x)."""
+
+    def backward(self, params, residuals, dy):
+        return {}, dy * jax.nn.sigmoid(-residuals.x)
+
+
+class SoftmaxJacobianDiagonalOnly(layers.Softmax):
+    """Only the Jacobian's diagonal: dx = y ⊙ dy, without the − y Σ_j dy_j y_j term."""
+
+    def backward(self, params, residuals, dy):
+        return {}, residuals.y * dy
+
+
+class AvgPoolNotDivided(layers.AvgPool2D):
+    """Sends each window's dy to all of its elements without dividing by the window size."""
+
+    def backward(self, params, residuals, dy):
+        _, dx = super().backward(params, residuals, dy)
+        return {}, dx * (self.window[0] * self.window[1])
+
+
+class ConvWeightGradientFlipped(layers.Conv2D):
+    """dW is the correlation of x with dy, spatially flipped as if it were dx's kernel."""
+
+    def backward(self, params, residuals, dy):
+        dparams, dx = super().backward(params, residuals, dy)
+        return {**dparams, "W": lax.rev(dparams["W"], (0, 1))}, dx
+
+
+class ConvBiasNotSummedOverSpace(layers.Conv2D):
+    """db sums dy over the batch at the first output position only, not over space."""
+
+    def backward(self, params, residuals, dy):
+        dparams, dx = super().backward(params, residuals, dy)
+        return {**dparams, "b": jnp.sum(dy[:, 0, 0, :], axis=0)}, dx
+
+
+class LayerNormVarianceTermDropped(layers.LayerNorm):
+    """dx = rstd·(dx̂ − mean(dx̂)): forgets that x also moves the row's variance."""
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        dx_hat = dy * params["scale"][None, :]
+        return dparams, residuals.rstd * (dx_hat - jnp.mean(dx_hat, axis=-1, keepdims=True))
+
+
+class RMSNormTreatedAsConstant(layers.RMSNorm):
+    """dx = rrms·dx̂: treats the row's root mean square as a constant."""
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        return dparams, residuals.rrms * dy * params["scale"][None, :]
+
+
 # ------------------------------------------------------------------------- losses
 class HalfSquaredErrorDoubled(losses.HalfSquaredError):
     """The ½ of ``½(o − t)²`` doubled in the gradient: 2(o − t)/batch instead of (o − t)/batch."""
@@ -137,6 +221,30 @@ class SoftmaxCrossEntropyNoBatchMean(losses.SoftmaxCrossEntropy):
     def value_and_grad(self, y_hat, y):
         value, grad = super().value_and_grad(y_hat, y)
         return value, y_hat.shape[0] * grad
+
+
+class MeanSquaredErrorMissingTwo(losses.MeanSquaredError):
+    """(o − t)/(batch·K): the 2 of the square's derivative left out."""
+
+    def value_and_grad(self, y_hat, y):
+        value, grad = super().value_and_grad(y_hat, y)
+        return value, grad / 2
+
+
+class SigmoidBinaryCrossEntropyWithoutSigmoid(losses.SigmoidBinaryCrossEntropy):
+    """(z − t)/batch: the logits taken for probabilities, σ forgotten."""
+
+    def value_and_grad(self, y_hat, y):
+        value, _ = super().value_and_grad(y_hat, y)
+        return value, (y_hat - y) / y_hat.shape[0]
+
+
+class HingeLabelScoreHeldConstant(losses.Hinge):
+    """∂L/∂s_y = 0: the label's own score treated as a constant in every margin."""
+
+    def value_and_grad(self, y_hat, y):
+        value, grad = super().value_and_grad(y_hat, y)
+        return value, jnp.where(jax.nn.one_hot(y, y_hat.shape[1]) > 0, 0, grad)
 
 
 # ------------------------------------------------------------------------ network
@@ -208,6 +316,34 @@ def _cnn():
     params = net.init(k_init, (6, 6, 2), jnp.float64)
     x = jax.random.normal(k_x, (2, 6, 6, 2), jnp.float64)
     return net, params, x, jax.random.randint(k_y, (2,), 0, 3)
+
+
+def _activation(activation):
+    """3 → 4 → 3 MLP with ``activation`` in the middle and softmax cross-entropy."""
+    stack = [layers.Dense(4), activation, layers.Dense(3)]
+    return dense_case(stack, losses.SoftmaxCrossEntropy(), 3, 6, seed=2, int_labels=True)
+
+
+def _cnn_avg():
+    """``_cnn`` with average pooling in place of max pooling."""
+    net, params, x, y = _cnn()
+    return replace_layer(net, 2, layers.AvgPool2D(2)), params, x, y
+
+
+def _sigmoid_bce():
+    stack = [layers.Dense(3), layers.Tanh(), layers.Dense(2)]
+    return dense_case(stack, losses.SigmoidBinaryCrossEntropy(), 3, 4)
+
+
+def _relu_hinge():
+    stack = [layers.Dense(6), layers.ReLU(), layers.Dense(3)]
+    return dense_case(stack, losses.Hinge(), 4, 5, seed=3, int_labels=True)
+
+
+def _norm(norm):
+    """3 → 4 → 3 MLP with ``norm`` after the first Dense, then Tanh; softmax cross-entropy."""
+    stack = [layers.Dense(4), norm, layers.Tanh(), layers.Dense(3)]
+    return dense_case(stack, losses.SoftmaxCrossEntropy(), 3, 6, seed=4, int_labels=True)
 
 
 _CNN_BELOW_3 = frozenset({f"layers[{j}].dx" for j in range(4)} | {"layers[0].W", "layers[0].b"})
@@ -323,5 +459,103 @@ MUTATIONS = [
         lambda net: replace_layer(net, 3, ConvStrideIgnored(2, 2, stride=2, padding=1)),
         "layers[3] (ConvStrideIgnored)",
         _CNN_BELOW_3,
+    ),
+    Mutation(
+        "conv dW flipped",
+        _cnn,
+        lambda net: replace_layer(net, 3, ConvWeightGradientFlipped(2, 2, stride=2, padding=1)),
+        "layers[3] (ConvWeightGradientFlipped)",
+        frozenset({"layers[3].W"}),
+    ),
+    Mutation(
+        "conv db not summed over space",
+        _cnn,
+        lambda net: replace_layer(net, 0, ConvBiasNotSummedOverSpace(3, 3, padding=1)),
+        "layers[0] (ConvBiasNotSummedOverSpace)",
+        frozenset({"layers[0].b"}),
+    ),
+    Mutation(
+        "average-pool gradient not divided by the window size",
+        _cnn_avg,
+        lambda net: replace_layer(net, 2, AvgPoolNotDivided(2)),
+        "layers[2] (AvgPoolNotDivided)",
+        _CNN_BELOW_3 - {"layers[3].dx"},
+    ),
+    Mutation(
+        "tanh' = 1 - y",
+        _tanh3,
+        lambda net: replace_layer(net, 3, TanhDerivativeNotSquared()),
+        "layers[3] (TanhDerivativeNotSquared)",
+        frozenset(_below(3)),
+    ),
+    Mutation(
+        "ELU alpha forgotten",
+        lambda: _activation(layers.ELU(1.3)),
+        lambda net: replace_layer(net, 1, ELUAlphaForgotten(1.3)),
+        "layers[1] (ELUAlphaForgotten)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "leaky ReLU slope forgotten",
+        lambda: _activation(layers.LeakyReLU(0.1)),
+        lambda net: replace_layer(net, 1, LeakyReLUSlopeForgotten(0.1)),
+        "layers[1] (LeakyReLUSlopeForgotten)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "GELU tanh form with the exact derivative",
+        lambda: _activation(layers.GELU(approximate=True)),
+        lambda net: replace_layer(net, 1, GELUExactDerivativeForTanhForm(approximate=True)),
+        "layers[1] (GELUExactDerivativeForTanhForm)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "softplus' = sigma(-x)",
+        lambda: _activation(layers.Softplus()),
+        lambda net: replace_layer(net, 1, SoftplusDerivativeMirrored()),
+        "layers[1] (SoftplusDerivativeMirrored)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "softmax Jacobian diagonal only",
+        lambda: _activation(layers.Softmax()),
+        lambda net: replace_layer(net, 1, SoftmaxJacobianDiagonalOnly()),
+        "layers[1] (SoftmaxJacobianDiagonalOnly)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "MSE gradient missing its 2",
+        _tanh3,
+        lambda net: replace_loss(net, MeanSquaredErrorMissingTwo()),
+        "loss (MeanSquaredErrorMissingTwo)",
+        EVERY,
+    ),
+    Mutation(
+        "sigmoid cross-entropy gradient without the sigmoid",
+        _sigmoid_bce,
+        lambda net: replace_loss(net, SigmoidBinaryCrossEntropyWithoutSigmoid()),
+        "loss (SigmoidBinaryCrossEntropyWithoutSigmoid)",
+        EVERY,
+    ),
+    Mutation(
+        "hinge gradient holds the label's score constant",
+        _relu_hinge,
+        lambda net: replace_loss(net, HingeLabelScoreHeldConstant()),
+        "loss (HingeLabelScoreHeldConstant)",
+        EVERY,
+    ),
+    Mutation(
+        "LayerNorm backward without the variance term",
+        lambda: _norm(layers.LayerNorm()),
+        lambda net: replace_layer(net, 1, LayerNormVarianceTermDropped()),
+        "layers[1] (LayerNormVarianceTermDropped)",
+        frozenset(_below(1)),
+    ),
+    Mutation(
+        "RMSNorm backward with the RMS held constant",
+        lambda: _norm(layers.RMSNorm()),
+        lambda net: replace_layer(net, 1, RMSNormTreatedAsConstant()),
+        "layers[1] (RMSNormTreatedAsConstant)",
+        frozenset(_below(1)),
     ),
 ]

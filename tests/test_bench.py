@@ -8,6 +8,7 @@ of ``remat_every`` that do not depend on timing: gradients equal to autodiff's
 
 import json
 import re
+import statistics
 import sys
 
 import jax
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 from jaxbp import Sequential, bench, bench_torch, cli, layers, losses, models
-from tests.helpers import max_tree_rel_error
+from tests.helpers import max_tree_rel_error, random_params, rel_error
+from tests.test_layers import ACTIVATIONS
 
 TINY = dict(batch=8, rounds=3, round_seconds=0.001, epoch_steps=2, peak_size=64)
 ROW_KEYS = {"variant", "compile_s", "flops", "temp_bytes", "time_s", "spread", "steps_per_s",
@@ -38,12 +40,10 @@ def test_run_bench_returns_every_row_well_formed(result):
                           "matmul 64²"]
     for row in rows.values():
         assert set(row) == ROW_KEYS
-        assert row["time_s"] > 0 and row["steps_per_s"] == pytest.approx(1 / row["time_s"])
-        assert row["spread"] >= 0 and row["flops"] > 0 and row["fraction_of_peak"] > 0
+        assert row["time_s"] > 0 and row["spread"] >= 0
+        assert row["flops"] > 0 and row["fraction_of_peak"] > 0
         q1, q3 = row["ratio_iqr"]
         assert q1 <= row["ratio_to_autodiff"] <= q3
-    assert rows["autodiff"]["ratio_to_autodiff"] == 1.0
-    assert rows["matmul 64²"]["fraction_of_peak"] == 1.0
     assert rows["matmul 64²"]["flops"] == 2 * 64**3
     # One step of the 64-128-10 MLP: forward 2·B·(64·128 + 128·10) FLOPs, backward twice that
     # less the unneeded dx of the first layer; XLA counts a few element-wise FLOPs more.
@@ -200,12 +200,40 @@ def test_cli_rejects_bad_arguments_with_exit_2(no_compiling, tmp_path, capsys, a
 
 
 def test_cli_help_states_the_defaults_and_dtypes(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for text in ("timing rounds (default 61)", "(default 0.02)", "no remat row (default 4)",
                  "fused epoch (default 20)", "float32, float64, bfloat16, float16"):
         assert text in out
+
+
+def work(n):
+    """A callable whose cost is ``n`` units of the same CPU work."""
+
+    def call():
+        total = 0
+        for i in range(20_000 * n):
+            total += i
+        return None
+
+    return call
+
+
+def test_interleaved_times_measures_programs_of_known_cost():
+    # Rounds of about 30 ms: the per-round ratio stays near 3 even on a shared machine.
+    times = bench.interleaved_times({"1x": work(1), "3x": work(3)}, 9, 0.03)
+    ratio = statistics.median(bench._ratios(times["3x"], times["1x"]))
+    assert 2.2 < ratio < 4, ratio
+    assert statistics.median(times["1x"]) < statistics.median(times["3x"])
+
+
+@pytest.mark.parametrize("m, k, n", [(8, 64, 128), (128, 10, 3), (1, 5, 7)])
+def test_flop_counts_of_a_matmul_are_2_m_n_k(m, k, n):
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    compiled, seconds = bench._compile(jnp.matmul, a, b)
+    assert bench._flops(compiled) == 2 * m * n * k and seconds > 0
 
 
 def test_interleaved_times_gives_one_time_per_round():
@@ -229,6 +257,78 @@ def test_torch_reference_mirrors_the_architecture():
     shapes = [tuple(p.shape) for p in module.parameters()]
     assert shapes == [(16, 5), (16,), (8, 16), (8,), (10, 8), (10,)]
     assert module(torch.zeros(3, 5)).shape == (3, 10)
+
+
+def _load(torch, module, params):
+    """Copies a jaxbp layer's params into its PyTorch module (W: (in, out) or HWIO)."""
+    if not params:
+        return
+    (module,) = [m for m in module.modules() if getattr(m, "weight", None) is not None]
+    if "scale" in params:  # LayerNorm, RMSNorm
+        weight, bias = np.asarray(params["scale"]), params.get("offset")
+    else:
+        weight, bias = np.asarray(params["W"]), params.get("b")
+        # Linear: (out, in); Conv2d: OIHW
+        weight = weight.T if weight.ndim == 2 else weight.transpose(3, 2, 0, 1)
+    module.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
+    if bias is not None:
+        module.bias.data = torch.from_numpy(np.asarray(bias))
+
+
+def _to_nchw(a):
+    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+
+
+def _to_nhwc(a):
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+TORCH_LAYERS = [
+    (layer, (5,)) for layer in ACTIVATIONS + [layers.Dense(3), layers.Dense(4, use_bias=False),
+                                              layers.Flatten(), layers.ELU(1.0),
+                                              layers.LeakyReLU(0.3), layers.LayerNorm(),
+                                              layers.LayerNorm(0.5), layers.RMSNorm(),
+                                              layers.RMSNorm(0.5)]
+] + [
+    (layer, (6, 5, 3)) for layer in [
+        *ACTIVATIONS, layers.Flatten(), layers.LayerNorm(0.1), layers.RMSNorm(0.1),
+        layers.Conv2D(4, 3), layers.Conv2D(2, (3, 2), 2, 1),
+        layers.Conv2D(2, 3, padding="SAME", use_bias=False), layers.Conv2D(3, 1, (1, 2)),
+        layers.MaxPool2D(2), layers.MaxPool2D((3, 2), (1, 2)), layers.AvgPool2D(2),
+        layers.AvgPool2D(3, 1, "VALID"),
+    ]
+]
+
+
+@pytest.mark.parametrize("layer, shape", TORCH_LAYERS, ids=lambda v: repr(v))
+def test_torch_reference_computes_each_layers_function(layer, shape):
+    """Forward equality in float64, with the layer's own params copied over."""
+    torch = pytest.importorskip("torch")
+    module, out_shape = bench_torch._module(torch, layer, shape)
+    rng = np.random.default_rng(0)
+    params = random_params(Sequential([layer], loss=losses.MeanSquaredError()), shape, rng)[0]
+    module = module.to(torch.float64)
+    _load(torch, module, params)
+    x = 2 * rng.normal(size=(3, *shape))
+    want = np.asarray(layer.forward(params, x)[0])
+    got = _to_nhwc(module(torch.from_numpy(_to_nchw(x))).detach().numpy())
+    assert want.shape == (3, *out_shape) and got.shape == want.shape
+    assert rel_error(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_torch_reference_network_computes_the_same_function(name):
+    torch = pytest.importorskip("torch")
+    net, shape = (models.mlp(hidden=(6, 5)), (4,)) if name == "mlp" else (
+        models.cnn((8, 8, 1), classes=3, filters=(2, 3)), (8, 8, 1))
+    rng = np.random.default_rng(1)
+    params = random_params(net, shape, rng)
+    module = bench_torch.to_torch(net, shape).to(torch.float64)
+    for sub, p in zip(module, params, strict=True):
+        _load(torch, sub, p)
+    x = rng.normal(size=(5, *shape))
+    got = module(torch.from_numpy(_to_nchw(x))).detach().numpy()
+    assert rel_error(got, np.asarray(net.forward(params, x))) <= 1e-12
 
 
 # ------------------------------------------------------------------------ remat

@@ -1,6 +1,5 @@
 """Row, column and augmented conventions: exact round trips, equal outputs and gradients."""
 
-import doctest
 import re
 
 import jax
@@ -8,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbp import Sequential, conventions, layers, losses
+from jaxbp import Sequential, layers, losses
 from jaxbp.conventions import (
     augment,
     augmented_forward,
@@ -32,11 +31,6 @@ def _row_params(n_in=3, n_out=4, seed=0):
         "W": jax.random.normal(kw, (n_in, n_out)),
         "b": jax.random.normal(kb, (n_out,)),
     }
-
-
-def test_doctests():
-    result = doctest.testmod(conventions)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_round_trips_are_exact():

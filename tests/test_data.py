@@ -1,6 +1,5 @@
 """Datasets: shapes, deterministic splits, train-only standardisation, the IDX loader."""
 
-import doctest
 import gzip
 import re
 
@@ -11,11 +10,6 @@ from sklearn.model_selection import train_test_split
 
 from jaxbp import data
 from jaxbp.layers import base
-
-
-def test_doctests():
-    result = doctest.testmod(data)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def _raw_digits_split():

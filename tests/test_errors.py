@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxbp import Sequential, layers, losses, models
+from tests.helpers import max_tree_rel_error
 
 
 def mlp(loss=None):
@@ -227,6 +228,10 @@ def test_tuple_params_give_tuple_gradients_like_jax_grad():
     x, y = jnp.ones((3, 2)), jnp.array([0, 1, 2])
     manual, auto = net.manual_backward(params, x, y), jax.grad(net.loss)(params, x, y)
     assert jax.tree.structure(manual) == jax.tree.structure(auto) == jax.tree.structure(params)
+    assert max_tree_rel_error(manual, auto) <= 1e-12
+    listed = net.manual_backward(list(params), x, y)
+    assert all(jnp.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(manual), jax.tree.leaves(listed), strict=True))
 
 
 def test_hyperparameters_are_stored_as_plain_numbers_and_shown():

@@ -85,12 +85,14 @@ def test_manual_backward_matches_autodiff(activation, loss, weight_decay):
         assert err <= bound, (len(net.layers) // 2, x.shape, x.dtype, err)
 
 
-def test_value_and_grad_agree_with_parts():
+def test_value_and_grad_and_manual_backward_each_match_autodiff():
     net = make_net(layers.Tanh(), losses.SoftmaxCrossEntropy(), 0.1, depth=3)
     p, x, y = make_case(net, 0, 6, 5, jnp.float64)
+    J_auto, auto = jax.value_and_grad(net.loss)(p, x, y)
     J, grads = net.manual_value_and_grad(p, x, y)
-    assert float(J) == pytest.approx(float(net.loss(p, x, y)), rel=1e-14)
-    assert max_tree_rel_error(grads, net.manual_backward(p, x, y)) == 0
+    assert float(J) == pytest.approx(float(J_auto), rel=1e-14)
+    assert max_tree_rel_error(grads, auto) <= 1e-12
+    assert max_tree_rel_error(net.manual_backward(p, x, y), auto) <= 1e-12
 
 
 def test_weight_decay_adds_half_lambda_norm_of_weights_only():
@@ -212,11 +214,11 @@ def test_manual_backward_never_calls_autodiff(monkeypatch):
             jax.eval_shape(method, p, x, y)
 
 
-@pytest.mark.parametrize("param_dtype, data_dtype", [
-    (jnp.bfloat16, jnp.float32),   # low-precision weights, float32 data
-    (jnp.float32, jnp.float64),    # float32 weights, float64 data and targets
+@pytest.mark.parametrize("param_dtype, data_dtype, bound", [
+    (jnp.bfloat16, jnp.float32, 1e-2),  # low-precision weights, float32 data: about 3 digits
+    (jnp.float32, jnp.float64, 1e-5),   # float32 weights, float64 data and targets
 ], ids=["bf16-params", "f32-params-f64-data"])
-def test_gradients_have_the_dtype_of_their_parameters(param_dtype, data_dtype):
+def test_gradients_have_the_dtype_of_their_parameters(param_dtype, data_dtype, bound):
     """Mixed dtypes promote in the forward pass; like jax.grad, each gradient comes back in
     its parameter's dtype (an optax step inside lax.scan needs that to keep its carry type)."""
     mlp = Sequential([layers.Dense(4), layers.Tanh(), layers.Dense(3)],
@@ -230,7 +232,7 @@ def test_gradients_have_the_dtype_of_their_parameters(param_dtype, data_dtype):
         manual, auto = net.manual_backward(params, x, y), jax.grad(net.loss)(params, x, y)
         assert [g.dtype for g in jax.tree.leaves(manual)] == [param_dtype] * 4
         assert [g.dtype for g in jax.tree.leaves(auto)] == [param_dtype] * 4
-        assert max_tree_rel_error(manual, auto) < 1e-2  # bfloat16 keeps about 3 digits
+        assert max_tree_rel_error(manual, auto) <= bound
 
 
 def test_concrete_labels_closed_over_inside_jit():

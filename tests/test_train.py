@@ -1,6 +1,5 @@
 """Training: the jitted step, fused epochs, manual = autodiff, weight decay, divergence, CLI."""
 
-import doctest
 import os
 import textwrap
 
@@ -46,11 +45,6 @@ def _unwrap_key(a):
 @pytest.fixture(scope="module")
 def manual_run(spirals):
     return _fit(spirals)
-
-
-def test_doctests():
-    result = doctest.testmod(train)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_fit_learns_and_records_history(manual_run):
