@@ -11,7 +11,7 @@ one or two statistics per row, never the normalised copy (as llm.c's
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,31 @@ def _check_input(layer: str, x, features: int) -> None:
         )
 
 
+class _RowNorm(Layer):
+    """What LayerNorm and RMSNorm share: ε > 0, per-feature params of shape (D,), checks."""
+
+    starts: ClassVar[dict[str, float]]  # each param's name and initial value
+
+    def __post_init__(self):
+        eps = check_real(self.name, "eps", self.eps)
+        if eps <= 0:
+            raise ValueError(f"{self.name}: eps must be a finite number > 0; got {eps!r}")
+        object.__setattr__(self, "eps", eps)
+
+    def init(self, key, input_shape, dtype=None):
+        del key
+        input_shape = _check_shape(self.name, input_shape)
+        dtype = dtype or default_float_dtype()
+        params = {k: jnp.full((input_shape[-1],), v, dtype) for k, v in self.starts.items()}
+        return params, input_shape
+
+    def check(self, params, x) -> None:
+        """The params' keys and shapes, and ``x``'s last axis against them."""
+        d = params["scale"].shape[0] if isinstance(params, dict) and "scale" in params else None
+        check_params(self.name, params, {k: ((d,), "(features,)") for k in self.starts})
+        _check_input(self.name, x, d)
+
+
 class LayerNormResiduals(NamedTuple):
     x: jax.Array  # the layer's input, (…, D)
     mean: jax.Array  # μ per row, (…, 1)
@@ -49,7 +74,7 @@ class LayerNormResiduals(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class LayerNorm(Layer):
+class LayerNorm(_RowNorm):
     """``y = γ ⊙ (x − μ) / √(σ² + ε) + β`` over the last axis (Ba, Kiros and Hinton, 2016).
 
     For each row of D features: ``μ = mean(x)``, ``σ² = mean((x − μ)²)`` (the
@@ -71,25 +96,7 @@ class LayerNorm(Layer):
 
     eps: float = 1e-5
 
-    def __init__(self, eps: float = 1e-5):
-        eps = check_real("LayerNorm", "eps", eps)
-        if eps <= 0:
-            raise ValueError(f"LayerNorm: eps must be a finite number > 0; got {eps!r}")
-        object.__setattr__(self, "eps", eps)
-
-    def init(self, key, input_shape, dtype=None):
-        del key
-        input_shape = _check_shape(self.name, input_shape)
-        d = input_shape[-1]
-        dtype = dtype or default_float_dtype()
-        return {"scale": jnp.ones((d,), dtype), "offset": jnp.zeros((d,), dtype)}, input_shape
-
-    def check(self, params, x) -> None:
-        """The params' keys and shapes, and ``x``'s last axis against them."""
-        d = params["scale"].shape[0] if isinstance(params, dict) and "scale" in params else None
-        check_params(self.name, params, {"scale": ((d,), "(features,)"),
-                                         "offset": ((d,), "(features,)")})
-        _check_input(self.name, x, d)
+    starts = {"scale": 1.0, "offset": 0.0}
 
     def forward(self, params, x):
         self.check(params, x)
@@ -130,7 +137,7 @@ class RMSNormResiduals(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class RMSNorm(Layer):
+class RMSNorm(_RowNorm):
     """``y = γ ⊙ x / √(mean(x²) + ε)`` over the last axis (Zhang and Sennrich, 2019).
 
     LayerNorm without the mean and the offset: each row is divided by its root
@@ -150,23 +157,7 @@ class RMSNorm(Layer):
 
     eps: float = 1e-6
 
-    def __init__(self, eps: float = 1e-6):
-        eps = check_real("RMSNorm", "eps", eps)
-        if eps <= 0:
-            raise ValueError(f"RMSNorm: eps must be a finite number > 0; got {eps!r}")
-        object.__setattr__(self, "eps", eps)
-
-    def init(self, key, input_shape, dtype=None):
-        del key
-        input_shape = _check_shape(self.name, input_shape)
-        d = input_shape[-1]
-        return {"scale": jnp.ones((d,), dtype or default_float_dtype())}, input_shape
-
-    def check(self, params, x) -> None:
-        """The params' keys and shapes, and ``x``'s last axis against them."""
-        d = params["scale"].shape[0] if isinstance(params, dict) and "scale" in params else None
-        check_params(self.name, params, {"scale": ((d,), "(features,)")})
-        _check_input(self.name, x, d)
+    starts = {"scale": 1.0}
 
     def forward(self, params, x):
         self.check(params, x)
