@@ -56,7 +56,8 @@ def make_case(net, seed, batch, features, dtype):
 
 
 def manual_and_autodiff(nets_and_cases):
-    @jax.jit
+    # Small programs that run once: LLVM's optimisations would cost more than they save.
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def both(cases):
         return [
             (net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y))
