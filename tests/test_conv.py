@@ -45,7 +45,9 @@ def random_case(layer, input_shape, batch, seed, dtype=np.float64):
     return params, x, rng.normal(size=y.shape).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# Small programs that run once: LLVM's optimisations would cost more than they save.
+@functools.partial(jax.jit, static_argnums=0,
+                   compiler_options={"xla_backend_optimization_level": 0})
 def _manual_and_vjp(layers_, cases):
     out = []
     for layer, (params, x, dy) in zip(layers_, cases, strict=True):
