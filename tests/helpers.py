@@ -12,6 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+# Compiler options for the checks' programs: small, and each runs once, so LLVM's
+# optimisations would cost more compile time than they save in run time.
+RUN_ONCE = {"xla_backend_optimization_level": 0}
+
 
 def rel_error(a, b) -> float:
     """max|a − b| / max(max|b|, tiny): the per-leaf relative error used everywhere."""

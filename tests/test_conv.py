@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 from jaxbp import Sequential, conv_output_size, layers, losses, models
-from tests.helpers import max_tree_rel_error
+from tests.helpers import RUN_ONCE, max_tree_rel_error
 
 KEY = jax.random.key(0)
 IMAGE = np.array(
@@ -45,9 +45,7 @@ def random_case(layer, input_shape, batch, seed, dtype=np.float64):
     return params, x, rng.normal(size=y.shape).astype(dtype)
 
 
-# Small programs that run once: LLVM's optimisations would cost more than they save.
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def _manual_and_vjp(layers_, cases):
     out = []
     for layer, (params, x, dy) in zip(layers_, cases, strict=True):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from jaxbp import Sequential, gradcheck, layers, losses
 from jaxbp.gradcheck import TOLERANCES, _network_compute, fd_coordinates
-from tests.helpers import random_params
+from tests.helpers import RUN_ONCE, random_params
 from tests.test_layers import ACTIVATIONS
 
 LOSSES = [
@@ -130,9 +130,7 @@ def fd_points(params, seed):
     return index, stacked, np.array(steps)
 
 
-# The programs are small and run once: LLVM's optimisations would cost more than they save.
-@functools.partial(jax.jit, static_argnums=0,
-                   compiler_options={"xla_backend_optimization_level": 0})
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def compute_together(nets, cases, points):
     """For each network, gradcheck's computation and the loss at its ±h points."""
     return [

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import layers
-from tests.helpers import max_tree_rel_error, rel_error
+from tests.helpers import RUN_ONCE, max_tree_rel_error, rel_error
 
 ACTIVATIONS = [
     layers.Identity(),
@@ -130,7 +130,7 @@ def test_layers_are_hashable_values():
     assert repr(layers.Dense(3)) == "Dense(units=3, init_scheme='lecun_normal', use_bias=True)"
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def manual_and_vjp(layer, params, x, dy):
     """The hand-written backward and autodiff's, compiled together once per shape."""
     return manual(layer, params, x, dy), vjp_oracle(layer, params, x, dy)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, layers, losses
-from tests.helpers import max_tree_rel_error, random_params
+from tests.helpers import RUN_ONCE, max_tree_rel_error, random_params
 from tests.test_layers import ACTIVATIONS
 
 LOSSES = [
@@ -56,8 +56,7 @@ def make_case(net, seed, batch, features, dtype):
 
 
 def manual_and_autodiff(nets_and_cases):
-    # Small programs that run once: LLVM's optimisations would cost more than they save.
-    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    @functools.partial(jax.jit, compiler_options=RUN_ONCE)
     def both(cases):
         return [
             (net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y))

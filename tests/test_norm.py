@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, gradcheck, layers, losses
-from tests.helpers import max_tree_rel_error, random_params
+from tests.helpers import RUN_ONCE, max_tree_rel_error, random_params
 
 NORMS = [layers.LayerNorm(), layers.LayerNorm(eps=0.5), layers.RMSNorm(), layers.RMSNorm(eps=0.5)]
 
@@ -26,7 +26,7 @@ def random_case(layer, shape, seed, dtype=np.float64):
     return params, x, dy
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def _both(layer, params, x, dy):
     """(manual, autodiff) cotangents of one layer, compiled as one program."""
     y, residuals = layer.forward(params, x)

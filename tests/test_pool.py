@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import layers
-from tests.helpers import rel_error
+from tests.helpers import RUN_ONCE, rel_error
 from tests.test_conv import KEY, assert_backward_matches_vjp, manual_and_vjp, random_case
 
 MAP = np.array([[1, 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]], float)
@@ -36,13 +36,13 @@ def naive_pool(kind, x, window, stride, pads):
     return y
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def manual_dx(layer, x, dy):
     _, residuals = layer.forward({}, x)
     return layer.backward({}, residuals, dy)[1]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def vjp_dx(layer, x, dy):
     return jax.vjp(lambda a: layer.forward({}, a)[0], x)[1](dy)[0]
 
