@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from .parallel import is_host_port
+
 # command name -> (module, one-line help)
 COMMANDS = {
     "gradcheck": ("jaxbp.gradcheck_cli", "check a network's manual backward against autodiff"),
@@ -74,8 +76,7 @@ SEED = number(int, 0, "an int in [0, 2**32)", maximum=2**32)
 
 def host_port(text: str) -> str:
     """An argparse ``type``: ``HOST:PORT`` with a port in [1, 65535] (an IPv6 host in brackets)."""
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not is_host_port(text):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in [1, 65535]; "
                                          f"got {text!r}")
     return text

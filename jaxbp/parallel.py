@@ -121,6 +121,12 @@ def shard_batch(batch, mesh: Mesh | None = None):
 CLUSTERS = "Slurm, Open MPI, Kubernetes, Cloud TPU"
 
 
+def is_host_port(text: str) -> bool:
+    """``HOST:PORT`` with a port in [1, 65535] (an IPv6 host in brackets)."""
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Join a run of several processes: ``jax.distributed.initialize`` with these arguments.
@@ -141,8 +147,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     given = {"coordinator": coordinator, "num_processes": num_processes,
              "process_id": process_id}
-    host, _, port = (coordinator or "").rpartition(":")
-    if coordinator is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+    if coordinator is not None and not is_host_port(coordinator):
         raise ValueError(f"parallel.initialize: coordinator must be 'HOST:PORT' with a port in "
                          f"[1, 65535]; got {coordinator!r}")
     if num_processes is not None and not (is_int(num_processes) and num_processes >= 1):
