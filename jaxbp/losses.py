@@ -2,17 +2,23 @@
 
 A loss is a frozen dataclass with
 
-    value(y_hat, y)          -> scalar L, averaged over the batch
+    value(y_hat, y)          -> scalar L, averaged over every position
     value_and_grad(y_hat, y) -> (L, dy_hat)   with dy_hat = ∂L/∂y_hat, shape of y_hat
 
-``y_hat`` is the network's output, (batch, K). The per-sample definitions are
-written in each docstring; every value is the mean of that over the batch, so
-every gradient carries a factor 1/batch.
+``y_hat`` is the network's output, (…, K) of rank >= 2: K outputs at each of the
+N = prod(…) positions, e.g. (batch, K), or (batch, time, vocab) for a sequence
+model. Targets have the shape (…, K), integer labels the shape (…). The
+per-position definitions are written in each docstring; every value is the mean
+of that over the N positions (the batch and every other leading axis), so every
+gradient carries a factor 1/N. Each loss writes its math on rows, (N, K)
+outputs; :func:`over_positions` flattens (…, K) to those rows and reshapes the
+gradient back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,17 +65,20 @@ def _unwrap(a):
     return a, axes
 
 
-def _check_output(loss: str, y_hat, y, rank: int = 2) -> None:
+def _check_output(loss: str, y_hat, y) -> None:
     check_array(loss, "network output y_hat", y_hat)
     check_array(loss, "target y", y)
-    if y_hat.ndim != rank:
+    if y_hat.ndim < 2:
         raise ValueError(
-            f"{loss}: network output y_hat must have rank {rank} (batch, outputs); got "
+            f"{loss}: network output y_hat must have rank >= 2 (batch, ..., outputs); got "
             f"shape {tuple(y_hat.shape)}"
         )
     if y_hat.shape[0] == 0:
         raise ValueError(f"{loss}: the batch is empty (output shape {tuple(y_hat.shape)}); "
                          "the loss averages over at least one sample")
+    if math.prod(y_hat.shape[:-1]) == 0:
+        raise ValueError(f"{loss}: the output has no positions (shape {tuple(y_hat.shape)}); "
+                         "the loss averages over at least one position")
     if y_hat.shape[-1] == 0:
         raise ValueError(f"{loss}: the network output has no units (shape "
                          f"{tuple(y_hat.shape)}); a loss needs at least one output per sample")
@@ -84,15 +93,15 @@ def _check_same_shape(loss: str, y_hat, y) -> None:
 
 
 def check_labels(loss: str, y_hat, y) -> None:
-    """Integer labels: shape (batch,), values in [0, K) where they are known.
+    """Integer labels: shape (…) of an output (…, K), values in [0, K) where they are known.
 
     Inside ``jax.jit`` the values are abstract and go unchecked: a label outside
     [0, K) then selects no class.
     """
-    batch, classes = y_hat.shape
-    if tuple(y.shape) != (batch,):
+    *positions, classes = y_hat.shape
+    if tuple(y.shape) != tuple(positions):
         raise ValueError(
-            f"{loss}: integer labels y must have shape ({batch},) for output "
+            f"{loss}: integer labels y must have shape {tuple(positions)} for output "
             f"{tuple(y_hat.shape)}; got {tuple(y.shape)}"
         )
     labels = concrete_values(y)  # on the host: jnp reductions would be staged inside a trace
@@ -112,7 +121,7 @@ def _check_finite_targets(loss: str, what: str, t: np.ndarray) -> None:
 
 
 def check_probability_rows(loss: str, y) -> None:
-    """Probability targets (batch, K): entries >= 0, each row summing to 1, where known.
+    """Probability targets (…, K): entries >= 0, each row (position) summing to 1, where known.
 
     The tolerance on a row sum is ``max(√eps, 4·K·eps)`` of the targets' float
     dtype (0 for integer targets). Inside ``jax.jit`` the values go unchecked.
@@ -153,12 +162,28 @@ def _is_integer(y) -> bool:
 
 
 def one_hot_mask(labels, classes: int, dtype):
-    """``mask[n, k] = 1 if labels[n] == k`` — fused by XLA, never stored."""
+    """``mask[n, k] = 1 if labels[n] == k`` for labels (N,) — fused by XLA, never stored."""
     return (labels[:, None] == jnp.arange(classes)[None, :]).astype(dtype)
 
 
+def over_positions(rows, y_hat, y):
+    """``rows(o, t)``, a loss's math on (N, K) outputs, applied to outputs (…, K).
+
+    ``y_hat`` (…, K) becomes rows ``o`` (N, K) with N = prod(…); targets (…, K)
+    become (N, K) and integer labels (…) become (N,). ``rows`` returns the mean
+    over its N rows and the gradient (N, K), which is reshaped back to (…, K).
+    Shapes are the caller's to check first. Rank 2 passes through unchanged.
+    """
+    if y_hat.ndim == 2:
+        return rows(y_hat, y)
+    o = jnp.reshape(y_hat, (-1, y_hat.shape[-1]))
+    t = jnp.reshape(y, (o.shape[0], *y.shape[y_hat.ndim - 1:]))
+    value, grad = rows(o, t)
+    return value, jnp.reshape(grad, y_hat.shape)
+
+
 class Loss:
-    takes_labels = False  # True: accepts integer class labels (batch,) as targets
+    takes_labels = False  # True: accepts integer class labels (…) as targets
 
     @property
     def name(self) -> str:
@@ -185,92 +210,106 @@ class Loss:
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class HalfSquaredError(Loss):
-    """Per sample ``E = Σ_k ½(t_k − o_k)²`` (the tutorials' E_total).
+    """Per position ``E = Σ_k ½(t_k − o_k)²`` (the tutorials' E_total).
 
-    Gradient: ``∂L/∂o = (o − t) / batch``, shape (batch, K).
+    Targets have the shape of the output (…, K). Gradient:
+    ``∂L/∂o = (o − t) / N`` for N positions, shape (…, K).
     """
 
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat, y)
         _check_same_shape(self.name, y_hat, y)
-        batch = y_hat.shape[0]
-        r = y_hat - y
-        return 0.5 * jnp.sum(r * r) / batch, r / batch
+        return over_positions(self._rows, y_hat, y)
+
+    def _rows(self, o, t):
+        n = o.shape[0]
+        r = o - t
+        return 0.5 * jnp.sum(r * r) / n, r / n
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class MeanSquaredError(Loss):
-    """Per sample ``(1/K) Σ_k (o_k − t_k)²``.
+    """Per position ``(1/K) Σ_k (o_k − t_k)²``: the mean over every entry of (…, K).
 
-    Gradient: ``∂L/∂o = 2(o − t) / (batch·K)``, shape (batch, K).
+    Targets have the shape of the output (…, K). Gradient:
+    ``∂L/∂o = 2(o − t) / (N·K)`` for N positions, shape (…, K).
     """
 
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat, y)
         _check_same_shape(self.name, y_hat, y)
-        n = y_hat.size
-        r = y_hat - y
+        return over_positions(self._rows, y_hat, y)
+
+    def _rows(self, o, t):
+        n = o.size  # N·K
+        r = o - t
         return jnp.sum(r * r) / n, (2.0 / n) * r
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class SoftmaxCrossEntropy(Loss):
-    """Cross-entropy of softmax(logits): per sample ``logsumexp(z) − Σ_k t_k z_k``.
+    """Cross-entropy of softmax(logits): per position ``logsumexp(z) − Σ_k t_k z_k``.
 
-    ``y`` is either integer labels (batch,) in [0, K) or targets (batch, K) whose
-    rows are probabilities: entries >= 0 summing to 1 (one-hot included, integer or
-    float). Known values are checked (a ValueError otherwise); inside ``jax.jit``
-    they are not, and a label outside [0, K) selects no class. Stable for logits
-    of any magnitude: the max is subtracted before exponentiating.
+    For logits (…, K), ``y`` is either integer labels (…) in [0, K) or targets
+    (…, K) whose rows are probabilities: entries >= 0 summing to 1 (one-hot
+    included, integer or float). Known values are checked (a ValueError
+    otherwise); inside ``jax.jit`` they are not, and a label outside [0, K)
+    selects no class. Stable for logits of any magnitude: the max is subtracted
+    before exponentiating.
 
-    Fused gradient (softmax and cross-entropy together):
-    ``∂L/∂z = (softmax(z)·Σ_k t_k − t) / batch = (softmax(z) − t) / batch`` for
-    rows of t that sum to 1; shape (batch, K).
+    Fused gradient (softmax and cross-entropy together), for N positions:
+    ``∂L/∂z = (softmax(z)·Σ_k t_k − t) / N = (softmax(z) − t) / N`` for rows of t
+    that sum to 1; shape (…, K).
     """
 
     takes_labels = True
 
     def check_target_values(self, y_hat, y) -> None:
-        if _is_integer(y) and y.ndim == 1:
+        if _is_integer(y) and y.ndim == len(y_hat.shape) - 1:
             check_labels(self.name, y_hat, y)
-        elif y.ndim == 2 and tuple(y.shape) == tuple(y_hat.shape):
+        elif tuple(y.shape) == tuple(y_hat.shape):
             check_probability_rows(self.name, y)
 
     def value_and_grad(self, y_hat, y):
         _check_output(self.name, y_hat, y)
-        batch, classes = y_hat.shape
         self.check_target_values(y_hat, y)
-        if _is_integer(y) and y.ndim == 1:
-            t = one_hot_mask(y, classes, y_hat.dtype)
-            t_sum = 1.0  # one label per row
-        elif y.ndim == 2 and tuple(y.shape) == tuple(y_hat.shape):
-            t = y.astype(y_hat.dtype) if _is_integer(y) else y  # integer one-hot rows too
-            t_sum = jnp.sum(t, axis=1, keepdims=True)  # 1 for probability rows
-        else:
+        if not ((_is_integer(y) and y.ndim == y_hat.ndim - 1)
+                or tuple(y.shape) == tuple(y_hat.shape)):
             raise ValueError(
-                f"{self.name}: y must be integer labels ({batch},) or probability targets "
-                f"{tuple(y_hat.shape)}; got shape {tuple(y.shape)} with dtype {y.dtype}"
+                f"{self.name}: y must be integer labels {tuple(y_hat.shape[:-1])} or "
+                f"probability targets {tuple(y_hat.shape)}; got shape {tuple(y.shape)} with "
+                f"dtype {y.dtype}"
             )
-        shifted = y_hat - jnp.max(y_hat, axis=1, keepdims=True)
+        return over_positions(self._rows, y_hat, y)
+
+    def _rows(self, z, y):
+        n, classes = z.shape
+        if y.ndim == 1:  # integer labels (N,)
+            t = one_hot_mask(y, classes, z.dtype)
+            t_sum = 1.0  # one label per row
+        else:  # targets (N, K)
+            t = y.astype(z.dtype) if _is_integer(y) else y  # integer one-hot rows too
+            t_sum = jnp.sum(t, axis=1, keepdims=True)  # 1 for probability rows
+        shifted = z - jnp.max(z, axis=1, keepdims=True)
         e = jnp.exp(shifted)
         s = jnp.sum(e, axis=1, keepdims=True)
         log_z = jnp.log(s)  # logsumexp(z) − max(z)
-        value = (jnp.sum(log_z * t_sum) - jnp.sum(t * shifted)) / batch
-        return value, (e / s * t_sum - t) / batch
+        value = (jnp.sum(log_z * t_sum) - jnp.sum(t * shifted)) / n
+        return value, (e / s * t_sum - t) / n
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class SigmoidBinaryCrossEntropy(Loss):
-    """Binary cross-entropy of σ(logits): per sample ``Σ_k softplus(z_k) − t_k z_k``.
+    """Binary cross-entropy of σ(logits): per position ``Σ_k softplus(z_k) − t_k z_k``.
 
     That equals ``−t log σ(z) − (1 − t) log(1 − σ(z))``, computed as
     ``t·softplus(−z) + (1 − t)·softplus(z)`` with ``jax.nn.softplus``: it never
     overflows, loses nothing to cancellation for t ∈ {0, 1}, and its autodiff
     gradient is ``σ(z) − t`` everywhere, ``z = 0`` included. Targets ``t ∈ [0, 1]``
-    have the shape of the logits (batch, K); known values outside [0, 1] raise a
+    have the shape of the logits (…, K); known values outside [0, 1] raise a
     ValueError (inside ``jax.jit`` they go unchecked).
 
-    Gradient: ``∂L/∂z = (σ(z) − t) / batch``, shape (batch, K).
+    Gradient: ``∂L/∂z = (σ(z) − t) / N`` for N positions, shape (…, K).
     """
 
     def check_target_values(self, y_hat, y) -> None:
@@ -283,23 +322,26 @@ class SigmoidBinaryCrossEntropy(Loss):
             y = y.astype(y_hat.dtype)
         _check_same_shape(self.name, y_hat, y)
         self.check_target_values(y_hat, y)
-        batch = y_hat.shape[0]
-        per_unit = y * jax.nn.softplus(-y_hat) + (1 - y) * jax.nn.softplus(y_hat)
-        value = jnp.sum(per_unit) / batch
-        return value, (jax.nn.sigmoid(y_hat) - y) / batch
+        return over_positions(self._rows, y_hat, y)
+
+    def _rows(self, z, t):
+        n = z.shape[0]
+        per_unit = t * jax.nn.softplus(-z) + (1 - t) * jax.nn.softplus(z)
+        value = jnp.sum(per_unit) / n
+        return value, (jax.nn.sigmoid(z) - t) / n
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Hinge(Loss):
-    """Multiclass SVM loss (CS231n): per sample ``Σ_{j≠y} max(0, s_j − s_y + Δ)``.
+    """Multiclass SVM loss (CS231n): per position ``Σ_{j≠y} max(0, s_j − s_y + Δ)``.
 
-    ``y`` is integer labels (batch,) in [0, K), checked where known (inside
-    ``jax.jit`` a label outside the range selects no class). With
-    ``m_j = s_j − s_y + Δ`` and the indicator ``1[m_j > 0]`` (0 exactly at the
-    margin, the subgradient autodiff takes for this code):
+    For scores (…, K), ``y`` is integer labels (…) in [0, K), checked where known
+    (inside ``jax.jit`` a label outside the range selects no class). With
+    ``m_j = s_j − s_y + Δ``, the indicator ``1[m_j > 0]`` (0 exactly at the
+    margin, the subgradient autodiff takes for this code) and N positions:
 
-      ∂L/∂s_j = 1[m_j > 0] / batch                 for j ≠ y
-      ∂L/∂s_y = −Σ_{j≠y} 1[m_j > 0] / batch
+      ∂L/∂s_j = 1[m_j > 0] / N                 for j ≠ y
+      ∂L/∂s_y = −Σ_{j≠y} 1[m_j > 0] / N
     """
 
     margin: float = 1.0
@@ -316,16 +358,19 @@ class Hinge(Loss):
         _check_output(self.name, y_hat, y)
         if not _is_integer(y):
             raise ValueError(
-                f"{self.name}: y must be integer labels of shape ({y_hat.shape[0]},); got "
-                f"dtype {y.dtype} with shape {tuple(y.shape)}"
+                f"{self.name}: y must be integer labels of shape {tuple(y_hat.shape[:-1])}; "
+                f"got dtype {y.dtype} with shape {tuple(y.shape)}"
             )
         self.check_target_values(y_hat, y)
-        batch, classes = y_hat.shape
-        is_label = one_hot_mask(y, classes, y_hat.dtype)
-        s_y = jnp.sum(y_hat * is_label, axis=1, keepdims=True)
-        m = y_hat - s_y + self.margin
+        return over_positions(self._rows, y_hat, y)
+
+    def _rows(self, s, y):
+        n, classes = s.shape
+        is_label = one_hot_mask(y, classes, s.dtype)
+        s_y = jnp.sum(s * is_label, axis=1, keepdims=True)
+        m = s - s_y + self.margin
         active = (m > 0) & (is_label == 0)
-        value = jnp.sum(jnp.where(active, m, 0)) / batch
-        a = active.astype(y_hat.dtype)
-        ds = (a - is_label * jnp.sum(a, axis=1, keepdims=True)) / batch
+        value = jnp.sum(jnp.where(active, m, 0)) / n
+        a = active.astype(s.dtype)
+        ds = (a - is_label * jnp.sum(a, axis=1, keepdims=True)) / n
         return value, ds
