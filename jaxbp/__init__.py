@@ -7,13 +7,15 @@ Conventions: the batch is the leading axis; a dense layer computes
 from . import conventions, data, layers, losses, models, parallel, train
 from .bridge import with_manual_grad
 from .gradcheck import check_layer, finite_differences, gradcheck
+from .layers import Sequential
 from .layers.conv import conv_output_size
-from .network import Sequential
+from .network import Model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Sequential",
+    "Model",
     "check_layer",
     "conv_output_size",
     "finite_differences",

@@ -7,7 +7,8 @@ For each model, on whatever device JAX selects, in one run:
 * ``remat k``  ``manual_value_and_grad(..., remat_every=k)`` (stores every k-th layer input);
 * ``train``    a full optax step (manual gradients; plain SGD unless ``optimizer`` says
                ``"momentum"`` or ``"adam"``), called in a Python loop;
-* ``scan``     the same step fused into an epoch by ``lax.scan`` (time per step);
+* ``scan``     ``fit``'s fused epoch: the same step in a ``lax.scan`` that also
+               shuffles and gathers the batches and checks finiteness (time per step);
 * ``matmuls``  for dense nets, the matmuls of ``manual`` alone (same shapes and
                operand layouts, no bias, activation, loss or reduction between them):
                how fast the step's products run by themselves (a reference, not a
@@ -18,10 +19,8 @@ For each model, on whatever device JAX selects, in one run:
 Timing: every variant is warmed up, then the variants take turns in ``rounds``
 interleaved rounds (each round runs a variant for about ``round_seconds``, at
 least one call, and blocks on its result), so a busy machine slows every variant
-alike. Many short rounds pair the variants closely in time: on a shared 2-core
-machine whose speed drifted by a third within the hour, 201 one-call rounds put
-the quartiles of the manual/autodiff ratio of mlp-large within ±1.2%, against
-±4% for 41 rounds of 0.2 s.
+alike. Many short rounds pair the variants closely in time, so the per-round
+ratios cancel a machine's drift better than a few long rounds do.
 
 A row reports the median time per step over the rounds and the spread (half
 the inter-quartile range, relative to the median). ``×autodiff`` and ``%peak``
@@ -41,13 +40,17 @@ manual variant against autodiff) runs under ``jax.default_matmul_precision("high
 so that it compares the math, not the matmul units. For bfloat16 the reference
 is autodiff in float32, and autodiff's bfloat16 gradient gets its own error.
 
+Every variant runs in train mode: ``mlp-bn`` (BatchNorm and Dropout) and ``resmlp``
+(pre-LayerNorm residual blocks) use batch statistics and draw dropout masks, the
+manual and autodiff rows from the same state and key.
+
 ``run_bench(["mlp-large"])`` returns the figures that ``jaxbp bench --models
 mlp-large`` prints (``format_table``) and writes (``--json PATH``).
 
 Example:
   >>> from jaxbp import bench
   >>> sorted(bench.MODELS)
-  ['cnn', 'deep-mlp', 'mlp-large', 'mlp-small']
+  ['cnn', 'deep-mlp', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
   >>> times = bench.interleaved_times({"noop": lambda: None}, rounds=3, round_seconds=0.0)
   >>> len(times["noop"])
   3
@@ -59,8 +62,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
-import numbers
 import statistics
 import time
 from collections.abc import Callable
@@ -69,9 +70,10 @@ import jax
 import jax.numpy as jnp
 
 from . import models, train
-from .cli import NON_NEGATIVE_INT, POSITIVE_INT, number, output_file_problem
+from .cli import NON_NEGATIVE_INT, POSITIVE_INT, number
 from .layers import Dense
-from .layers.base import check_int
+from .layers.base import check_int, check_real, dtype_name
+from .paths import output_file_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,9 @@ MODELS = {
     "mlp-large": ModelSpec(lambda: models.mlp(hidden=(1024, 1024)), (784,), 256),
     "cnn": ModelSpec(lambda: models.cnn((28, 28, 1), 10), (28, 28, 1), 128),
     "deep-mlp": ModelSpec(lambda: models.mlp(hidden=(512,) * 16), (784,), 256),
+    "mlp-bn": ModelSpec(lambda: models.mlp(hidden=(1024, 1024), norm="batch", dropout=0.1),
+                        (784,), 256),
+    "resmlp": ModelSpec(lambda: models.residual_mlp(width=512, blocks=4), (784,), 256),
 }
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -162,33 +167,21 @@ def _summary(samples: list[float]) -> tuple[float, float]:
 # ------------------------------------------------------------------ variants
 
 
-def _stateful(step, state, batch):
+def _stateful(step, state, batch, net_state, key):
     """A zero-argument callable running one optimizer step on a carried state."""
-    box = [state]
+    box = [state, net_state]
 
     def call():
-        params, opt_state, metrics = step(*box[0], batch)
+        params, opt_state, metrics = step(*box[0], batch, box[1], key)
         box[0] = (params, opt_state)
+        if box[1] is not None:
+            box[1] = metrics["net_state"]
         return metrics["loss"]
 
     return call
 
 
-def _fused_epoch(step):
-    """``epoch(params, opt_state, xs, ys)``: one ``lax.scan`` over the stacked batches."""
-
-    def epoch(params, opt_state, xs, ys):
-        def body(carry, batch):
-            params, opt_state, metrics = step(*carry, batch)
-            return (params, opt_state), metrics["loss"]
-
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (xs, ys))
-        return params, opt_state, losses
-
-    return epoch
-
-
-def _gradient_errors(net, params, x, y, remat_every) -> tuple[str, dict]:
+def _gradient_errors(net, params, x, y, remat_every, mode) -> tuple[str, dict]:
     """``(reference dtype, errors)``: largest per-leaf relative errors against autodiff.
 
     The reference is ``jax.grad(net.loss)`` in the bench's dtype, or in float32
@@ -206,12 +199,13 @@ def _gradient_errors(net, params, x, y, remat_every) -> tuple[str, dict]:
 
     def errors(params, x, y):
         upcast = functools.partial(jax.tree.map, lambda a: a.astype(ref_dtype))
-        reference = jax.grad(net.loss)(upcast(params), upcast(x), y)
-        out = {"manual": net.manual_backward(params, x, y)}
+        wide = {**mode, "state": upcast(mode["state"])}
+        reference = jax.grad(net.loss)(upcast(params), upcast(x), y, **wide)
+        out = {"manual": net.manual_backward(params, x, y, **mode)}
         if remat_every:
-            out["remat"] = net.manual_backward(params, x, y, remat_every=remat_every)
+            out["remat"] = net.manual_backward(params, x, y, remat_every=remat_every, **mode)
         if ref_dtype != dtype:
-            out["autodiff"] = jax.grad(net.loss)(params, x, y)
+            out["autodiff"] = jax.grad(net.loss)(params, x, y, **mode)
         return {k: jnp.max(jnp.stack(jax.tree.leaves(jax.tree.map(rel, g, reference))))
                 for k, g in out.items()}
 
@@ -224,7 +218,7 @@ def _matmuls(net, params):
     """The matmuls of a dense net's manual value-and-grad and nothing else, or ``None``.
 
     ``None`` unless every layer with parameters is a ``Dense`` (activations have
-    none). Forward ``a_{l+1} = a_l W_l``; backward, seeded with the output,
+    none) at the top level. Forward ``a_{l+1} = a_l W_l``; backward, seeded with the output,
     ``dW_l = a_lᵀ dz_l`` and ``dz_{l-1} = dz_l W_lᵀ`` (none below the first layer):
     the dots of ``Dense.backward`` with their shapes and operand layouts, without
     the element-wise work and reductions that the real step runs between them.
@@ -272,12 +266,7 @@ def _quartiles(samples: list[float]) -> list[float]:
 
 def _check_dtype(dtype) -> jnp.dtype:
     """``jnp.dtype(dtype)`` if one of ``DTYPES`` (64-bit ones need x64), else ``ValueError``."""
-    try:
-        name = jnp.dtype(dtype).name if dtype is not None else None
-    except (TypeError, ValueError):
-        name = None
-    if name not in DTYPES:
-        raise ValueError(f"bench: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    name = dtype_name("bench", dtype, DTYPES)
     if jnp.dtype(name).itemsize == 8 and not jax.config.jax_enable_x64:
         raise ValueError(f"bench: dtype {name} needs jax_enable_x64; enable it first")
     return jnp.dtype(name)
@@ -295,9 +284,7 @@ def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps,
     check_int("bench", "epoch_steps", epoch_steps)
     if remat_every is not None:  # None or 0: no remat row
         check_int("bench", "remat_every", remat_every, minimum=0)
-    if (isinstance(round_seconds, bool) or not isinstance(round_seconds, numbers.Real)
-            or not 0 <= round_seconds < math.inf):
-        raise ValueError(f"bench: round_seconds must be a finite number ≥ 0; got {round_seconds!r}")
+    check_real("bench", "round_seconds", round_seconds, 0)
     if optimizer not in train.OPTIMIZERS:
         raise ValueError(f"bench: optimizer must be one of {', '.join(train.OPTIMIZERS)}; "
                          f"got {optimizer!r}")
@@ -325,8 +312,11 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
     spec = MODELS[name]
     batch = spec.batch if batch is None else batch
     net = spec.build()
-    k_init, k_data, k_epoch = jax.random.split(jax.random.key(0), 3)
+    k_init, k_data, k_epoch, k_mode = jax.random.split(jax.random.key(0), 4)
     params = net.init(k_init, spec.input_shape, dtype)
+    net_state = net.init_state(k_init, spec.input_shape, dtype) if net.stateful else None
+    key = k_mode if net.body.stochastic else None
+    mode = {"state": net_state, "key": key, "train": True}
     x, y = _data(spec, batch, dtype, k_data)
     xs, ys = _data(spec, batch, dtype, k_epoch, epoch_steps)
     opt = train.optimizer(optimizer, LEARNING_RATE, MOMENTUM)
@@ -334,17 +324,23 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
     step = train.make_train_step(net, opt)
 
     def manual(k):
-        return lambda p, x, y: net.manual_value_and_grad(p, x, y, remat_every=k)
+        return lambda p, x, y: net.manual_value_and_grad(p, x, y, remat_every=k, **mode)
 
-    programs = {"manual": (manual(None), (params, x, y)),
-                "autodiff": (jax.value_and_grad(net.loss), (params, x, y))}
+    def autodiff(p, x, y):
+        return jax.value_and_grad(net.loss)(p, x, y, **mode)
+
+    programs = {"manual": (manual(None), (params, x, y)), "autodiff": (autodiff, (params, x, y))}
     if remat_every:
         programs[f"remat {remat_every}"] = (manual(remat_every), (params, x, y))
     chain = _matmuls(net, params)
     if chain is not None:
         programs["matmuls"] = (chain[0], (chain[1], x))
-    programs["train"] = (step, (params, opt_state, (x, y)))
-    programs["scan"] = (_fused_epoch(step), (params, opt_state, xs, ys))
+    programs["train"] = (step, (params, opt_state, (x, y), net_state, key))
+    impl = jax.random.key_impl(k_epoch)
+    epoch = train.fused_epoch(net, opt, "manual", epoch_steps, batch, impl)
+    carry = (params, net_state, opt_state)
+    programs["scan"] = (epoch, (carry, jax.random.key_data(k_epoch), xs.reshape(-1, *x.shape[1:]),
+                                ys.reshape(-1)))
     n = peak_size if peak_size is not None else 1024 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(k_data, (n, n), dtype)
     peak = f"matmul {n}²"
@@ -359,7 +355,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
                          "temp_bytes": temp_bytes(compiled), "steps_per_call": 1}
         if variant == "train":
             state = jax.tree.map(jnp.copy, (params, opt_state))
-            timers[variant] = _stateful(compiled, state, (x, y))
+            timers[variant] = _stateful(compiled, state, (x, y), net_state, key)
         else:
             timers[variant] = functools.partial(compiled, *args)
     rows["scan"].update(steps_per_call=epoch_steps, flops=rows["train"]["flops"])
@@ -390,7 +386,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
             rates = [row["flops"] / t for t in samples]
             peaks = [rows[peak]["flops"] / t for t in per_step[peak]]
             row["fraction_of_peak"] = statistics.median(_ratios(rates, peaks))
-    reference, grad_errors = _gradient_errors(net, params, x, y, remat_every)
+    reference, grad_errors = _gradient_errors(net, params, x, y, remat_every, mode)
     return {"model": name, "batch": batch, "input_shape": list(spec.input_shape),
             "layers": len(net.layers), "optimizer": optimizer,
             "peak_flops_per_s": rows[peak]["flops_per_s"], "pytorch": torch_note,

@@ -16,6 +16,8 @@ import os
 import jax
 import numpy as np
 
+from .layers.conv import resolve_pads
+
 
 def _permute(torch, dims):
     """A module that permutes its input's axes to ``dims`` (NCHW ↔ NHWC)."""
@@ -35,10 +37,13 @@ def _module(torch, layer, shape):
     the norms over the channels of images, and Flatten ordering an image's features
     (H, W, C) as jaxbp does.
     """
-    from .layers.conv import resolve_pads
-
     nn, kind = torch.nn, type(layer).__name__
-    out_shape = tuple(layer.init(jax.random.key(0), shape)[1])
+    if kind == "Sequential":
+        return _sequential(torch, layer.layers, shape)
+    if kind == "Residual":
+        body, out_shape = _module(torch, layer.body, shape)
+        return _residual(torch, body), out_shape
+    out_shape = tuple(layer.init(jax.random.key(0), shape)[2])
     image = len(shape) == 3
     simple = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "Identity": nn.Identity,
               "Softplus": nn.Softplus}
@@ -62,7 +67,13 @@ def _module(torch, layer, shape):
             return norm, out_shape
         to_last, to_first = _permute(torch, (0, 2, 3, 1)), _permute(torch, (0, 3, 1, 2))
         return nn.Sequential(to_last, norm, to_first), out_shape
-    if kind == "Dense":
+    if kind == "BatchNorm":  # jaxbp's momentum is PyTorch's (it weights the new batch)
+        norm = (nn.BatchNorm2d if image else nn.BatchNorm1d)(shape[-1], eps=layer.eps,
+                                                             momentum=layer.momentum)
+        return norm, out_shape
+    if kind == "Dropout":
+        return nn.Dropout(layer.rate), out_shape
+    if kind == "Dense" and len(shape) == 1:
         return nn.Linear(shape[0], layer.units, bias=layer.use_bias), out_shape
     if kind not in ("Conv2D", "MaxPool2D", "AvgPool2D"):
         raise ValueError(f"no PyTorch equivalent for layer {kind}")
@@ -80,15 +91,33 @@ def _module(torch, layer, shape):
     return pool(window, layer.stride), out_shape
 
 
+def _residual(torch, body):
+    """A module computing ``x + body(x)``."""
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    return Residual()
+
+
+def _sequential(torch, layers, shape):
+    modules = []
+    for layer in layers:
+        module, shape = _module(torch, layer, shape)
+        modules.append(module)
+    return torch.nn.Sequential(*modules), shape
+
+
 def to_torch(net, input_shape):
     """``net``'s layers as a ``torch.nn.Sequential`` (fresh PyTorch initialisation)."""
     import torch
 
-    modules, shape = [], tuple(input_shape)
-    for layer in net.layers:
-        module, shape = _module(torch, layer, shape)
-        modules.append(module)
-    return torch.nn.Sequential(*modules)
+    return _sequential(torch, net.layers, tuple(input_shape))[0]
 
 
 def train_step(net, input_shape, batch, dtype, optimizer, learning_rate, momentum):

@@ -1,13 +1,13 @@
 """The custom_vjp bridge: ``net.loss`` whose reverse-mode derivative is the hand-written one.
 
-``with_manual_grad(net)`` returns ``f(params, x, y) = net.loss(params, x, y)``
+``with_manual_grad(net)`` returns ``f(params, x, y, ...) = net.loss(params, x, y, ...)``
 registered with ``jax.custom_vjp``; its backward rule runs
 ``net.manual_backward_with_signals``, so ``jax.grad``, ``jax.value_and_grad``,
 ``jax.vmap`` (per-example gradients) and optax pipelines, jitted or not, all use
 the manual backward pass instead of autodiff's:
 
   ∂f/∂params = ḡ · manual_backward(params, x, y)
-  ∂f/∂x      = ḡ · dxs[0]   (the signal the first layer's backward returns)
+  ∂f/∂x      = ḡ · signals[0]   (the signal the first layer's backward returns)
   ∂f/∂y      = 0            (targets and labels are data, never differentiated)
 
 with ḡ the incoming cotangent (1 under ``jax.grad``). The manual backward is
@@ -32,7 +32,9 @@ def _scale(g, tree):
 def with_manual_grad(net):
     """``net.loss`` with a ``jax.custom_vjp`` backward that runs the manual backward pass.
 
-    Cached per network, so jitted callers never recompile for an equal network.
+    Takes what ``net.loss`` takes, ``f(params, x, y, state=None, key=None,
+    train=False)``; ``state`` and ``key`` get no gradient. Cached per network, so
+    jitted callers never recompile for an equal network.
 
     Example:
       >>> import jax
@@ -44,18 +46,20 @@ def with_manual_grad(net):
       (2, 2)
     """
 
-    @jax.custom_vjp
-    def loss_with_manual_grad(params, x, y):
-        return net.loss(params, x, y)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+    def loss_with_manual_grad(params, x, y, state=None, key=None, train=False):
+        return net.loss(params, x, y, state=state, key=key, train=train)
 
-    def fwd(params, x, y):
-        return net.loss(params, x, y), (params, x, y)
+    def fwd(params, x, y, state, key, train):
+        J = net.loss(params, x, y, state=state, key=key, train=train)
+        return J, (params, x, y, state, key)
 
-    def bwd(saved, g):
-        params, x, y = saved
-        grads, signals = net.manual_backward_with_signals(params, x, y)
+    def bwd(train, saved, g):
+        params, x, y, state, key = saved
+        grads, signals = net.manual_backward_with_signals(params, x, y, state=state, key=key,
+                                                          train=train)
         dx = _scale(g, signals[0]) if jnp.issubdtype(x.dtype, jnp.floating) else None
-        return _scale(g, grads), dx, None
+        return _scale(g, grads), dx, None, None, None
 
     loss_with_manual_grad.defvjp(fwd, bwd)
     return loss_with_manual_grad

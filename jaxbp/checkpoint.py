@@ -1,8 +1,10 @@
-"""Checkpoints: parameters, optimizer state, step, PRNG key and config in one file.
+"""Checkpoints: parameters, network and optimizer state, step, PRNG key and config in one file.
 
-Format: a single safetensors file. Its arrays are the leaves of ``params`` and
+Format: a single safetensors file. Its arrays are the leaves of ``params``,
+``net_state`` (BatchNorm's running statistics, where the network has state) and
 ``opt_state`` named by their pytree paths (``params[0]['W']``,
-``opt_state[0].mu[0]['W']``) plus ``key`` (the PRNG key's raw uint32 data); its
+``net_state[1]['mean']``, ``opt_state[0].mu[0]['W']``) plus ``key`` (the PRNG
+key's raw uint32 data); its
 string metadata holds ``format``, ``version``, ``epoch``, ``step``, the key's
 implementation, JSON-encoded ``config`` and ``history``, and two integrity
 fields: ``tensor_sha256`` (the SHA-256 of every array's name, dtype, shape and
@@ -60,8 +62,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from .cli import existing_ancestor
 from .layers.base import count_non_finite
+from .paths import existing_ancestor
 from .train import TrainState, is_train_state
 
 FORMAT = "jaxbp-checkpoint"
@@ -229,6 +231,7 @@ def save(path, state: TrainState, config: dict | None = None, history: dict | No
                          f"not a directory")
     tensors = {
         **_named_leaves("params", state.params),
+        **_named_leaves("net_state", state.net_state),
         **_named_leaves("opt_state", state.opt_state),
         "key": jax.random.key_data(state.key),
     }
@@ -419,13 +422,14 @@ def restore(path, like: TrainState) -> tuple[TrainState, dict]:
     decoded, digests = _decode(metadata, path)
     _verify(path, tensors, digests)
     problems: list[str] = []
-    named_params = _named_leaves("params", like.params)
-    named_opt = _named_leaves("opt_state", like.opt_state)
-    for name in sorted(set(tensors) - set(named_params) - set(named_opt) - {"key"}):
+    named = {part: _named_leaves(part, getattr(like, part))
+             for part in ("params", "net_state", "opt_state")}
+    expected = {name for leaves in named.values() for name in leaves} | {"key"}
+    for name in sorted(set(tensors) - expected):
         problems.append(f"{name} {_describe(tensors[name])} is in the checkpoint but not in "
                         f"the model")
-    params = _fill(like.params, named_params, tensors, problems)
-    opt_state = _fill(like.opt_state, named_opt, tensors, problems)
+    params, net_state, opt_state = (_fill(getattr(like, part), named[part], tensors, problems)
+                                    for part in ("params", "net_state", "opt_state"))
     if problems:
         shown = problems[:_MAX_SHOWN] + (
             [f"… and {len(problems) - _MAX_SHOWN} more"] if len(problems) > _MAX_SHOWN else []
@@ -447,5 +451,5 @@ def restore(path, like: TrainState) -> tuple[TrainState, dict]:
         raise ValueError(f"checkpoint {path}: its PRNG key data is {_describe(tensors['key'])}; "
                          f"a {impl} key is {_describe(expected)}")
     key = jax.random.wrap_key_data(tensors["key"], impl=impl)
-    state = TrainState(params, opt_state, key, decoded["epoch"], decoded["step"])
+    state = TrainState(params, opt_state, key, decoded["epoch"], decoded["step"], net_state)
     return state, decoded

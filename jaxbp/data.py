@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers.base import check_int, check_memory, count_non_finite, is_int, is_real
+from .layers.base import check_int, check_memory, check_real, count_non_finite, is_int
 
 MAX_CLASSES = 65536  # an IDX label file with a larger label is taken to be corrupt
 
@@ -166,8 +166,7 @@ def _check_generator(fn: str, *, noise, seed, **counts) -> None:
         check_int(fn, arg, value)
     if seed is not None:  # None: fresh entropy, as numpy.random.default_rng(None)
         check_int(fn, "seed", seed, 0)
-    if not (is_real(noise) and 0 <= noise < math.inf):
-        raise ValueError(f"{fn}: noise must be a finite number >= 0; got {noise!r}")
+    check_real(fn, "noise", noise, 0)
 
 
 def spirals(n_per_class=200, classes=3, noise=0.2, seed=0):

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import warnings
 
 import jax
@@ -47,7 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .gradcheck_report import GradReport, Row
-from .layers.base import check_int, count_non_finite, is_int, is_real
+from .layers.base import (
+    Context,
+    check_int,
+    check_real,
+    count_non_finite,
+    dtype_name,
+    is_int,
+    tapping,
+)
 
 _KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
 
@@ -73,16 +80,6 @@ FLOAT32_WARNING = (
     "float32 check: finite differences are unreliable in float32 (rounding noise ~ε/h); "
     "their disagreements are reported as fd-noisy, not failures. Prefer the float64 default."
 )
-
-
-def _dtype_name(fn: str, dtype) -> str:
-    try:  # np.dtype(None) would be float64: None is refused, not taken for the default
-        name = np.dtype(dtype).name if dtype is not None else None
-    except TypeError:  # not a dtype at all ("bogus")
-        name = None
-    if name not in TOLERANCES:
-        raise ValueError(f"{fn}: dtype must be float64 or float32; got {dtype!r}")
-    return name
 
 
 def _check_batch(fn: str, x) -> None:
@@ -161,8 +158,7 @@ def finite_differences(J, theta, index, step: float) -> list[np.ndarray]:
       [2.0, 6.0]
     """
     leaves, treedef = jax.tree.flatten(theta)
-    if not (is_real(step) and 0 < step < math.inf):
-        raise ValueError(f"finite_differences: step must be a finite number > 0; got {step!r}")
+    check_real("finite_differences", "step", step, 0, strict=True)
     if len(index) != len(leaves):
         raise ValueError(f"finite_differences: index must list the coordinates of each of "
                          f"theta's {len(leaves)} leaves; got {len(index)} lists")
@@ -189,60 +185,93 @@ def finite_differences(J, theta, index, step: float) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- network
-@functools.partial(jax.jit, static_argnums=0)
-def _network_compute(net, params, x, y):
-    manual, manual_signals = net.manual_backward_with_signals(params, x, y)
-    J, auto = jax.value_and_grad(net.loss)(params, x, y)
+class _Tap:
+    """Sees every nested layer call at trace time (``jaxbp.layers.base.tapping``).
 
-    def data_loss(perturbations):
-        """The data loss with a perturbation added to each layer's input and to ŷ."""
-        a = x
-        for i, layer in enumerate(net.layers):
-            if perturbations[i] is not None:
-                a = a + perturbations[i]
-            a, _ = layer.forward(params[i], a)
-        return net.loss_fn.value(a + perturbations[-1], y)
+    Records each layer's input and, in backward order, the ``dx`` its backward
+    returns; adds ``perturb[path]`` to a layer's input, so that the gradient with
+    respect to a zero perturbation is autodiff's signal ∂J/∂(that input).
+    """
 
-    inputs, a = [], x
-    for i, layer in enumerate(net.layers):
-        inputs.append(a)
-        a, _ = layer.forward(params[i], a)
-    zeros = [jnp.zeros_like(v) if jnp.issubdtype(v.dtype, jnp.floating) else None for v in inputs]
-    auto_signals = jax.grad(data_loss)([*zeros, jnp.zeros_like(a)])
-    manual_seed = net.loss_fn.value_and_grad(a, y)[1]
-    return J, manual, [*manual_signals, manual_seed], auto, auto_signals
+    def __init__(self, perturb=None):
+        self.perturb = perturb or {}
+        self.layers, self.inputs, self.signals = {}, {}, {}
+
+    def enter(self, layer, path, params, x):
+        self.layers[path], self.inputs[path] = layer, x
+        return jax.tree.map(jnp.add, x, self.perturb[path]) if path in self.perturb else x
+
+    def leave(self, layer, path, dx):
+        self.signals[path] = dx
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _network_loss(net, params, x, y):
-    return net.loss(params, x, y)
+def _floating(x) -> bool:
+    return all(jnp.issubdtype(v.dtype, jnp.floating) for v in jax.tree.leaves(x))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _network_autodiff(net, params, x, y):
-    return jax.grad(net.loss)(params, x, y)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _network_compute(net, train, params, state, x, y, key):
+    ctx = Context(train, key)
+    with tapping(_Tap()) as tap:
+        _, manual, _, _ = net._manual(params, state, x, y, ctx, None)
+    J, auto = jax.value_and_grad(lambda p: net._objective(p, state, x, y, ctx)[0])(params)
+    y_hat = net._run(params, state, x, ctx)[0]
+    paths = [p for p, v in tap.inputs.items() if _floating(v)]
+
+    def data_loss(perturb):
+        """The data loss with a perturbation added to each nested layer's input and to ŷ."""
+        with tapping(_Tap(perturb)):
+            out = net._run(params, state, x, ctx)[0]
+        return net.loss_fn.value(out + perturb["loss"], y)
+
+    zeros = {p: jax.tree.map(jnp.zeros_like, tap.inputs[p]) for p in paths}
+    auto_signals = jax.grad(data_loss)({**zeros, "loss": jnp.zeros_like(y_hat)})
+    manual_signals = {p: tap.signals[p] for p in tap.signals if p in zeros}
+    manual_signals["loss"] = net.loss_fn.value_and_grad(y_hat, y)[1]
+    return J, manual, manual_signals, auto, auto_signals
+
+
+def _network_order(net, train, params, state, x, y, key):
+    """The nested paths in backward order, with each path's layer (one abstract trace)."""
+    with tapping(_Tap()) as tap:
+        jax.eval_shape(lambda p, s, a, t, k: net._manual(p, s, a, t, Context(train, k), None),
+                       params, state, x, y, key)
+    return list(tap.signals), tap.layers
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _network_loss(net, train, params, state, x, y, key):
+    return net._objective(params, state, x, y, Context(train, key))[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _network_autodiff(net, train, params, state, x, y, key):
+    return jax.grad(lambda p: net._objective(p, state, x, y, Context(train, key))[0])(params)
 
 
 # ------------------------------------------------------------------------------- layer
-def _layer_J(layer, theta, dy):
+def _layer_J(layer, ctx, state, theta, dy):
     params, x = theta
-    return jnp.sum(dy * layer.forward(params, x)[0])
+    return jnp.sum(dy * layer.forward(params, state, x, ctx)[0])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_compute(layer, params, x, dy):
-    _, residuals = layer.forward(params, x)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _layer_compute(layer, train, params, state, x, dy, key):
+    ctx = Context(train, key)
+    _, _, residuals = layer.forward(params, state, x, ctx)
     manual = layer.backward(params, residuals, dy)
-    _, pullback = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)
-    return _layer_J(layer, (params, x), dy), manual, pullback(dy)
+    _, pullback = jax.vjp(lambda p, a: layer.forward(p, state, a, ctx)[0], params, x)
+    return _layer_J(layer, ctx, state, (params, x), dy), manual, pullback(dy)
 
 
-_layer_value = jax.jit(_layer_J, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _layer_value(layer, train, state, theta, dy, key):
+    return _layer_J(layer, Context(train, key), state, theta, dy)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_autodiff(layer, theta, dy):
-    return jax.grad(functools.partial(_layer_J, layer, dy=dy))(theta)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _layer_autodiff(layer, train, state, theta, dy, key):
+    return jax.grad(lambda t: _layer_J(layer, Context(train, key), state, t, dy))(theta)
 
 
 # ------------------------------------------------------------------------- comparison
@@ -390,15 +419,18 @@ def _notes(tol, dtype, fd_max_coords, seed):
 
 
 def gradcheck(
-    net, params, x, y, *, dtype="float64", fd_max_coords: int = 32, seed: int = 0
+    net, params, x, y, *, state=None, key=None, train=False, dtype="float64",
+    fd_max_coords: int = 32, seed: int = 0
 ) -> GradReport:
     """Check ``net.manual_backward`` against ``jax.grad(net.loss)`` and finite differences.
 
     Args:
-      net: a ``jaxbp.Sequential`` (or anything with ``layers``, ``loss_fn``, ``loss``
-        and ``manual_backward_with_signals``).
-      params: its parameter pytree (one dict per layer).
+      net: a model, ``jaxbp.Sequential(layers, loss=...)``.
+      params: its parameter pytree (one entry per layer, nested for nested blocks).
       x: inputs (batch, ...); y: targets or integer labels.
+      state, key, train: as every call of the model takes them (BatchNorm's state,
+        Dropout's key; ``train=True`` checks the training-mode function, with
+        batch statistics and the masks ``key`` draws).
       dtype: "float64" (default; x64 is enabled for the check only) or "float32"
         (warns: finite differences are unreliable there).
       fd_max_coords: finite differences check every coordinate of leaves this small,
@@ -406,9 +438,10 @@ def gradcheck(
       seed: seeds the choice of finite-difference coordinates.
 
     Returns:
-      A :class:`GradReport`: ``report.ok``, ``print(report)``, ``report.to_dict()``;
-      ``report.first_divergence`` names the first layer, counting from the output,
-      whose backward disagrees with autodiff.
+      A :class:`GradReport`: ``report.ok``, ``print(report)``, ``report.to_dict()``.
+      Rows are named by nested layer paths (``layers[1].body.layers[0].W``);
+      ``report.first_divergence`` names the first layer, counting from the output
+      and descending into nested blocks, whose backward disagrees with autodiff.
 
     Example:
       >>> from jaxbp import gradcheck, models
@@ -416,7 +449,7 @@ def gradcheck(
       >>> report.ok, report.row("layers[2].W").rel_err < 1e-12
       (True, True)
     """
-    dtype = _dtype_name("gradcheck", dtype)
+    dtype = dtype_name("gradcheck", dtype, TOLERANCES)
     check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
     check_int("gradcheck", "seed", seed, 0)
     seed = int(seed)
@@ -424,16 +457,20 @@ def gradcheck(
     tol = TOLERANCES[dtype]
     notes = _notes(tol, dtype, fd_max_coords, seed)
     with _precision(dtype) as precision:
-        params, x, y = _cast((list(params), x, y), dtype)
-        check_labels = getattr(net, "validate_labels", None)
-        if check_labels is not None:  # out-of-range labels: the loss's ValueError, not a FAIL
-            check_labels(params, x, y)
-        J, manual, m_sig, auto, a_sig = jax.device_get(_network_compute(net, params, x, y))
+        params, x, y, state = _cast((list(params), x, y, state), dtype)
+        net._check_mode(state, key, train)
+        train = bool(train)
+        # out-of-range labels: the loss's ValueError, not a FAIL
+        net.validate_labels(params, x, y, state=state, key=key, train=train)
+        data = (state, x, y, key)
+        J, manual, m_sig, auto, a_sig = jax.device_get(
+            _network_compute(net, train, params, *data))
+        order, nested = _network_order(net, train, params, *data)
         J = float(J)
         index = _fd_index(params, fd_max_coords, seed)
-        fd = finite_differences(lambda p: _network_loss(net, p, x, y), params, index, tol.fd_step)
-        keyed = jax.tree_util.tree_flatten_with_path(params)[0]
-        paths = [_path(kp, "layers") for kp, _ in keyed]
+        fd = finite_differences(lambda p: _network_loss(net, train, p, *data), params, index,
+                                tol.fd_step)
+        paths = jax.tree.leaves(net.body.param_paths(params, ""))
         manual_leaves = jax.tree.leaves(manual)
         if len(manual_leaves) != len(paths):
             raise ValueError(
@@ -445,40 +482,52 @@ def gradcheck(
         atol = _global_atol(tol, auto_leaves)
 
         def grad_at(p):
-            return _network_autodiff(net, p, x, y)
+            return _network_autodiff(net, train, p, *data)
 
         param_rows = _leaf_rows(
             paths, manual_leaves, auto_leaves, params, index, fd, J, tol, atol, grad_at
         )
-    n = len(net.layers)
-    names = [f"layers[{i}].dx" for i in range(n)] + ["loss.dy_hat"]
-    present = [i for i in range(n + 1) if a_sig[i] is not None]
-    sig_atol = _global_atol(tol, [a_sig[i] for i in present])
-    signal_rows = {i: _compare(names[i], m_sig[i], a_sig[i], tol, sig_atol) for i in present}
+    order = ["loss"] + [p for p in order if p in a_sig]  # from the output down
+    sig_atol = _global_atol(tol, jax.tree.leaves(a_sig))
+    signal_rows = {
+        p: _compare("loss.dy_hat" if p == "loss" else f"{p}.dx", _leaf(m_sig[p]), _leaf(a_sig[p]),
+                    tol, sig_atol)
+        for p in order
+    }
     return GradReport(
         title=_describe(net),
         dtype=dtype,
         precision=precision,
         loss=J,
         params=tuple(c.row for c in param_rows),
-        signals=tuple(signal_rows[i].row for i in reversed(present)),
-        first_divergence=_blame(net, param_rows, signal_rows),
+        signals=tuple(signal_rows[p].row for p in order),
+        first_divergence=_blame(net, nested, order, param_rows, signal_rows),
         notes=tuple(notes),
     )
 
 
-def _blame(net, param_rows, signal_rows) -> str | None:
-    """The first place, from the output down, where manual and autodiff disagree."""
-    n = len(net.layers)
-    if n in signal_rows and signal_rows[n].disagrees:
+def _leaf(signal):
+    """A signal as one array (the leaves of a tuple input concatenated)."""
+    leaves = jax.tree.leaves(signal)
+    return leaves[0] if len(leaves) == 1 else np.concatenate([np.ravel(v) for v in leaves])
+
+
+def _blame(net, nested, order, param_rows, signal_rows) -> str | None:
+    """The first place, from the output down, where manual and autodiff disagree.
+
+    ``order`` lists the nested layer paths in backward order (a block after the
+    layers inside it); a layer is blamed for a wrong ``dx`` or a wrong gradient of
+    its own params.
+    """
+    if signal_rows["loss"].disagrees:
         return f"loss ({net.loss_fn.name})"
-    for i in reversed(range(n)):
-        mine = [c for c in param_rows if c.row.path.startswith(f"layers[{i}].")]
-        if i in signal_rows:
-            mine.append(signal_rows[i])
+    for path in order[1:]:
+        mine = [c for c in param_rows if c.row.path.rsplit(".", 1)[0] == path]
+        mine.append(signal_rows[path])
         if any(c.disagrees for c in mine):
-            return f"layers[{i}] ({net.layers[i].name})"
-    return None
+            return f"{path} ({nested[path].name})"
+    bad = [c.row.path for c in param_rows if c.disagrees]  # params of a layer never called
+    return f"{bad[0].rsplit('.', 1)[0]}" if bad else None
 
 
 def _short(layer) -> str:
@@ -490,7 +539,7 @@ def _short(layer) -> str:
 def _describe(net) -> str:
     stack = " -> ".join(_short(layer) for layer in net.layers)
     decay = f", weight_decay={net.weight_decay:g}" if getattr(net, "weight_decay", 0) else ""
-    return f"{type(net).__name__}[{stack}] + {net.loss_fn!r}{decay}"
+    return f"Sequential[{stack}] + {net.loss_fn!r}{decay}"
 
 
 def check_layer(
@@ -501,15 +550,20 @@ def check_layer(
     seed: int = 0,
     dtype="float64",
     params=None,
+    state=None,
     x=None,
     dy=None,
+    train: bool = False,
+    key=None,
     fd_max_coords: int = 32,
 ) -> GradReport:
     """Check one layer's ``backward`` against ``jax.vjp`` of its ``forward``.
 
     The scalar checked by finite differences is ``J = Σ dy ⊙ forward(params, x)``,
     whose gradient is exactly the vector-Jacobian product ``backward`` computes.
-    Rows: one per parameter (``W``, ``b``, ...) and ``dx``.
+    Rows: one per parameter (``W``, ``b``, ...) and ``dx``. ``train`` and ``key``
+    make the context (train mode, Dropout's key); ``state`` defaults to the
+    layer's initial state.
 
     Args:
       layer: a jaxbp layer.
@@ -518,14 +572,14 @@ def check_layer(
       seed: seeds params (``layer.init``), ``x`` and ``dy`` (standard normal) and
         the finite-difference coordinates.
       dtype, fd_max_coords: as for :func:`gradcheck`.
-      params, x, dy: use these instead of random ones.
+      params, state, x, dy: use these instead of random or initial ones.
 
     Example:
       >>> from jaxbp import check_layer, layers
       >>> check_layer(layers.Dense(3), (4,)).ok
       True
     """
-    dtype = _dtype_name("check_layer", dtype)
+    dtype = dtype_name("check_layer", dtype, TOLERANCES)
     check_int("check_layer", "fd_max_coords", fd_max_coords, 0)
     check_int("check_layer", "seed", seed, 0)
     seed = int(seed)
@@ -542,12 +596,15 @@ def check_layer(
     notes = _notes(tol, dtype, fd_max_coords, seed)
     with _precision(dtype) as precision:
         k_init, k_x, k_dy = jax.random.split(jax.random.key(seed), 3)
-        if params is None:
-            params = layer.init(k_init, tuple(input_shape), jnp.dtype(dtype))[0]
+        first, initial, _ = layer.init(k_init, tuple(input_shape), jnp.dtype(dtype))
+        params = first if params is None else params
+        state = initial if state is None else state
         if x is None:
             x = jax.random.normal(k_x, (batch, *input_shape), jnp.dtype(dtype))
-        params, x = _cast((params, x), dtype)
-        y = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x)
+        params, state, x = _cast((params, state, x), dtype)
+        train, ctx = bool(train), Context(bool(train), key)
+        layer.check(params, state, x, ctx)
+        y = jax.eval_shape(lambda p, a: layer.forward(p, state, a, ctx)[0], params, x)
         if dy is None:
             dy = jax.random.normal(k_dy, y.shape, jnp.dtype(dtype))
         elif np.shape(dy) != y.shape:
@@ -555,9 +612,11 @@ def check_layer(
                              f"{y.shape}; got {np.shape(dy)}")
         dy = _cast(dy, dtype)
         theta = (params, x)
-        J, (m_params, m_dx), (a_params, a_dx) = jax.device_get(_layer_compute(layer, params, x, dy))
+        J, (m_params, m_dx), (a_params, a_dx) = jax.device_get(
+            _layer_compute(layer, train, params, state, x, dy, key))
         index = _fd_index(theta, fd_max_coords, seed)
-        fd = finite_differences(lambda t: _layer_value(layer, t, dy), theta, index, tol.fd_step)
+        fd = finite_differences(lambda t: _layer_value(layer, train, state, t, dy, key), theta,
+                                index, tol.fd_step)
         keyed = jax.tree_util.tree_flatten_with_path(params)[0]
         paths = [_path(kp, "") for kp, _ in keyed] + ["dx"]
         manual_leaves = [*jax.tree.leaves(m_params), m_dx]
@@ -569,7 +628,7 @@ def check_layer(
         auto_leaves = [*jax.tree.leaves(a_params), a_dx]
 
         def grad_at(t):
-            return _layer_autodiff(layer, t, dy)
+            return _layer_autodiff(layer, train, state, t, dy, key)
 
         rows = _leaf_rows(
             paths,

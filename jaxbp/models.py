@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from . import layers, losses
-from .network import Sequential
+from .layers import Sequential
+from .layers.base import check_int
 
 
 def worked_example(dtype=None):
@@ -43,18 +44,63 @@ def worked_example(dtype=None):
     return net, params, x, y
 
 
-def mlp(hidden=(128,), classes=10, activation=layers.ReLU, weight_decay=0.0, init="he_normal"):
-    """A softmax-cross-entropy MLP: ``Dense → activation`` per hidden width, then ``Dense``.
+NORMS = {"batch": layers.BatchNorm, "layer": layers.LayerNorm, "rms": layers.RMSNorm}
 
-    ``hidden`` is a sequence of widths (``()`` gives softmax regression).
+
+def _norm(fn: str, norm):
+    """The normalisation layer ``norm`` names (``None``: none)."""
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"{fn}: norm must be one of {sorted(NORMS)} or None; got {norm!r}")
+    return [] if norm is None else [NORMS[norm]()]
+
+
+def mlp(hidden=(128,), classes=10, activation=layers.ReLU, weight_decay=0.0, init="he_normal",
+        norm=None, dropout=0.0):
+    """A softmax-cross-entropy MLP: ``Dense → [norm] → activation → [Dropout]`` per hidden width,
+    then ``Dense``.
+
+    ``hidden`` is a sequence of widths (``()`` gives softmax regression); ``norm``
+    is ``"batch"`` (BatchNorm), ``"layer"`` (LayerNorm), ``"rms"`` (RMSNorm) or
+    ``None`` (with BatchNorm the Dense layers before it have no bias, which the
+    batch mean would cancel); ``dropout`` is the probability of dropping a hidden
+    unit in train mode.
+
+    Example:
+      >>> net = mlp(hidden=(32,), norm="batch", dropout=0.1)
+      >>> [layer.name for layer in net.layers]
+      ['Dense', 'BatchNorm', 'ReLU', 'Dropout', 'Dense']
     """
     if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
         raise ValueError(f"mlp: hidden must be a sequence of layer widths, e.g. (128,) or "
                          f"(1024, 1024); got {hidden!r}")
+    drop = [layers.Dropout(dropout)] if dropout else []
     stack = []
     for width in hidden:
-        stack += [layers.Dense(width, init=init), activation()]
+        # BatchNorm subtracts the batch mean of every unit: a bias before it would cancel
+        dense = layers.Dense(width, init=init, use_bias=norm != "batch")
+        stack += [dense, *_norm("mlp", norm), activation(), *drop]
     stack.append(layers.Dense(classes, init="glorot_normal"))
+    return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+
+
+def residual_mlp(width=128, blocks=2, classes=10, norm="layer", dropout=0.0, weight_decay=0.0):
+    """A pre-norm residual MLP: ``Dense(width)``, ``blocks`` residual blocks, norm, ``Dense``.
+
+    Each block is ``x + Dense(ReLU(Dense(norm(x))))`` with both Dense layers
+    ``width`` wide (and Dropout after the ReLU when ``dropout`` > 0): the
+    feed-forward half of a transformer block. ``norm`` as for :func:`mlp`.
+
+    Example:
+      >>> net = residual_mlp(width=16, blocks=2)
+      >>> [layer.name for layer in net.layers]
+      ['Dense', 'Residual', 'Residual', 'LayerNorm', 'Dense']
+    """
+    check_int("residual_mlp", "blocks", blocks, 0)
+    drop = [layers.Dropout(dropout)] if dropout else []
+    block = Sequential([*_norm("residual_mlp", norm), layers.Dense(width, init="he_normal"),
+                   layers.ReLU(), *drop, layers.Dense(width, init="he_normal")])
+    stack = [layers.Dense(width, init="he_normal"), *[layers.Residual(block)] * blocks,
+             *_norm("residual_mlp", norm), layers.Dense(classes, init="glorot_normal")]
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
 
 
@@ -65,9 +111,6 @@ def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0)
     AvgPool2D(2) → Flatten → Dense(classes)``. Each pooling halves the height and
     width (rounding down), so 28×28 gives 7×7 feature maps and 8×8 (scikit-learn
     digits) gives 2×2; ``input_shape`` (height, width, channels) must be at least 4×4.
-    The default 16 and 32 filters reach 98–99 % test accuracy on digits with Adam
-    (lr 5e-3, batch 32, 40 epochs: ``jaxbp train --dataset digits --model cnn
-    --filters 16,32 --lr 0.005 --epochs 40``) in seconds on a CPU.
 
     Example:
       >>> net = cnn((8, 8, 1), classes=10)

@@ -1,9 +1,11 @@
 """Training with optax: one jitted step, epochs fused with ``lax.scan``, evaluation.
 
-A training step computes ``(J, ∂J/∂params)`` either by the hand-written backward
-pass (``grad="manual"``, ``net.manual_value_and_grad``) or by autodiff
-(``grad="autodiff"``, ``jax.value_and_grad(net.loss)``), then applies any optax
-``GradientTransformation``. Both give the same parameters up to rounding.
+A training step computes ``(J, ∂J/∂params)`` and the network's new state (BatchNorm's
+running statistics) in train mode, either by the hand-written backward pass
+(``grad="manual"``, ``net.manual_step``) or by autodiff (``grad="autodiff"``,
+``jax.value_and_grad(net.loss_and_state, has_aux=True)``), then applies any optax
+``GradientTransformation``. Both give the same parameters up to rounding. Each
+step of a network with Dropout gets its own key, split from the epoch's.
 
 Weight decay, two ways:
 
@@ -46,7 +48,8 @@ import numpy as np
 import optax
 
 from . import parallel
-from .layers.base import check_int, count_non_finite, is_real
+from .data import check_classes, classes_in
+from .layers.base import check_int, check_real, count_non_finite
 
 GRADS = ("manual", "autodiff")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -62,9 +65,12 @@ class TrainState(NamedTuple):
     Attributes:
       params: the network's parameter pytree.
       opt_state: the optax state.
-      key: the PRNG key; each epoch splits off the key that shuffles it.
+      key: the PRNG key; each epoch splits off the key that shuffles it (and,
+        for a network with Dropout, the keys of its steps).
       epoch: completed epochs.
       step: completed optimizer steps.
+      net_state: the network's state (``net.init_state``: BatchNorm's running
+        statistics); ``None`` for a network without state.
     """
 
     params: Any
@@ -72,6 +78,7 @@ class TrainState(NamedTuple):
     key: jax.Array
     epoch: int = 0
     step: int = 0
+    net_state: Any = None
 
 
 def is_train_state(state) -> bool:
@@ -106,9 +113,7 @@ def _check_rate(fn: str, arg: str, value, strict: bool = False) -> None:
     """A finite number ``value`` > 0 (``strict``) or ≥ 0, or an optax schedule (a callable)."""
     if callable(value):
         return
-    if not is_real(value) or not (value > 0 if strict else value >= 0) or not np.isfinite(value):
-        raise ValueError(f"{fn}: {arg} must be a finite number {'>' if strict else '>='} 0; "
-                         f"got {value!r}")
+    check_real(fn, arg, value, 0, strict=strict)
 
 
 def optimizer(name: str, learning_rate: float, momentum: float = 0.9):
@@ -125,17 +130,13 @@ def optimizer(name: str, learning_rate: float, momentum: float = 0.9):
 
 
 def decay_mask(net):
-    """An optax mask (a function of params): True on each layer's ``decay_keys`` leaves.
+    """An optax mask (a function of params): True on every nested weight matrix and kernel.
 
     Use as ``optax.add_decayed_weights(λ, mask=decay_mask(net))`` to decay weights
-    and kernels but never biases — the leaves the objective ``λ/2 Σ‖W‖²`` covers.
+    and kernels but never biases or normalisation scales — the leaves the
+    objective ``λ/2 Σ‖W‖²`` covers.
     """
-
-    def mask(params):
-        layers = zip(net.layers, params, strict=True)
-        return [{k: k in layer.decay_keys for k in p} for layer, p in layers]
-
-    return mask
+    return net.body.decayed
 
 
 def freeze(opt, keys=("b",)):
@@ -150,32 +151,33 @@ def freeze(opt, keys=("b",)):
 # --------------------------------------------------------------------- step
 
 
-def value_and_grad_fn(net, grad: str = "manual"):
-    """``(params, x, y) -> (J, ∂J/∂params)`` by hand (``"manual"``) or by ``"autodiff"``."""
-    if grad == "manual":
-        return net.manual_value_and_grad
-    if grad == "autodiff":
-        return jax.value_and_grad(net.loss)
-    raise ValueError(f"train: grad must be one of {', '.join(GRADS)}; got {grad!r}")
-
-
 def _step_fn(net, opt, grad):
-    value_and_grad = value_and_grad_fn(net, grad)
+    if grad not in GRADS:
+        raise ValueError(f"train: grad must be one of {', '.join(GRADS)}; got {grad!r}")
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, net_state=None, key=None):
         x, y = batch
-        loss, grads = value_and_grad(params, x, y)
+        mode = {"state": net_state, "key": key, "train": True}
+        if grad == "manual":
+            loss, grads, net_state = net.manual_step(params, x, y, **mode)
+        else:
+            (loss, net_state), grads = jax.value_and_grad(net.loss_and_state, has_aux=True)(
+                params, x, y, **mode)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss}
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss,
+                                                                 "net_state": net_state}
 
     return step
 
 
 def make_train_step(net, opt, grad: str = "manual"):
-    """One jitted, pure optimizer step.
+    """One jitted, pure optimizer step, in train mode.
 
-    ``step(params, opt_state, (x, y)) -> (params, opt_state, metrics)``;
-    ``metrics["loss"]`` is the objective ``J`` at the parameters before the step.
+    ``step(params, opt_state, (x, y), net_state=None, key=None) -> (params,
+    opt_state, metrics)``; ``metrics["loss"]`` is the objective ``J`` at the
+    parameters before the step and ``metrics["net_state"]`` the network's state
+    after it (pass it to the next step; ``net_state`` and ``key`` are needed only
+    by networks with BatchNorm or Dropout).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -196,16 +198,21 @@ def make_train_step(net, opt, grad: str = "manual"):
 def _init(net, opt, key, input_shape, dtype):
     init_key, key = jax.random.split(key)
     params = net.init(init_key, input_shape, dtype)
-    return params, opt.init(params), key
+    net_state = net.init_state(init_key, input_shape, dtype) if net.stateful else None
+    return params, opt.init(params), key, net_state
 
 
 def init_state(net, opt, key, input_shape, dtype=None) -> TrainState:
-    """Fresh parameters, optimizer state and PRNG key (split from ``key``), in one jitted call."""
+    """Fresh parameters, optimizer state, PRNG key (split from ``key``) and network state.
+
+    One jitted call; the network state is ``None`` for a network without state.
+    """
     if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
         raise ValueError(f"init_state: input_shape must be a tuple of ints (batch axis "
                          f"excluded), e.g. (64,) or (8, 8, 1); got {input_shape!r}")
     dtype = None if dtype is None else np.dtype(dtype).name
-    return TrainState(*_init(net, opt, key, tuple(input_shape), dtype), 0, 0)
+    params, opt_state, key, net_state = _init(net, opt, key, tuple(input_shape), dtype)
+    return TrainState(params, opt_state, key, 0, 0, net_state)
 
 
 # --------------------------------------------------------------- evaluation
@@ -218,7 +225,7 @@ def accuracy(y_hat, y):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _evaluate(net, params, x, y, batch_sharding):
+def _evaluate(net, params, x, y, batch_sharding, net_state):
     n = x.shape[0]
     chunk = min(n, EVAL_CHUNK)
     if batch_sharding is not None:  # every chunk must split evenly over the devices
@@ -231,17 +238,20 @@ def _evaluate(net, params, x, y, batch_sharding):
     def forward(xc):
         if batch_sharding is not None:
             xc = jax.lax.with_sharding_constraint(xc, batch_sharding)
-        return net.forward(params, xc)
+        return net.forward(params, xc, state=net_state)  # eval mode
 
     y_hat = jax.lax.map(forward, xs).reshape(chunks * chunk, -1)[:n]
     return net.loss_fn.value(y_hat, y), accuracy(y_hat, y)
 
 
-def evaluate(net, params, x, y, mesh=None):
-    """``(L, accuracy)`` over all of ``(x, y)``: the data loss without weight decay, jitted."""
+def evaluate(net, params, x, y, mesh=None, net_state=None):
+    """``(L, accuracy)`` over all of ``(x, y)`` in eval mode: the data loss without weight decay.
+
+    Jitted; ``net_state`` is the network's state (BatchNorm's running statistics).
+    """
     if np.shape(x)[:1] in ((), (0,)):
         raise ValueError(f"evaluate: x must hold at least one sample; got shape {np.shape(x)}")
-    return _evaluate(net, params, x, y, parallel.batch_sharding(mesh))
+    return _evaluate(net, params, x, y, parallel.batch_sharding(mesh), net_state)
 
 
 # ---------------------------------------------------------------- epochs
@@ -249,10 +259,12 @@ def evaluate(net, params, x, y, mesh=None):
 
 def _epoch_indices(key, n, steps, batch_size, impl):
     """Split ``key`` (raw key data of ``impl``); the new subkey shuffles ``n`` samples
-    into ``steps`` batches. Returns the rest of the key as raw data again."""
+    into ``steps`` batches and gives each step its key (for Dropout). Returns the rest
+    of the key as raw data again, the batches' indices and the steps' keys."""
     key, shuffle = jax.random.split(jax.random.wrap_key_data(key, impl=impl))
     perm = jax.random.permutation(shuffle, n)[: steps * batch_size]
-    return jax.random.key_data(key), perm.reshape(steps, batch_size)
+    step_keys = jax.random.split(jax.random.fold_in(shuffle, 1), steps)
+    return jax.random.key_data(key), perm.reshape(steps, batch_size), step_keys
 
 
 def _all_finite(tree):
@@ -262,38 +274,54 @@ def _all_finite(tree):
     return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
-def _checked(step):
-    """``step`` whose metrics are ``(loss, params finite, opt_state finite)``.
+def _checked(step, stochastic: bool):
+    """``step(params, net_state, opt_state, batch, key)`` on one carry; checks as metrics.
 
-    The loss is computed before the update, the two flags after it, so a step
-    whose update overflows is caught at that step, not one step later.
+    The checks are ``(loss, params finite, opt_state finite)``: the loss is
+    computed before the update, the two flags after it, so a step whose update
+    overflows is caught at that step, not one step later. The step's key reaches
+    the network only if it has Dropout.
     """
 
-    def checked(params, opt_state, batch):
-        params, opt_state, metrics = step(params, opt_state, batch)
-        return params, opt_state, (metrics["loss"], _all_finite(params), _all_finite(opt_state))
+    def checked(carry, batch, key):
+        params, net_state, opt_state = carry
+        params, opt_state, metrics = step(params, opt_state, batch, net_state,
+                                          key if stochastic else None)
+        checks = (metrics["loss"], _all_finite(params), _all_finite(opt_state))
+        if net_state is not None:  # (None stays None: a network without state)
+            net_state = metrics["net_state"]
+        return (params, net_state, opt_state), checks
 
     return checked
 
 
-def _fused_epoch(step, steps, batch_size, impl, batch_sharding):
-    """One epoch as a single jitted ``lax.scan`` over its steps; the data stays on device.
+def fused_epoch(net, opt, grad, steps, batch_size, impl, batch_sharding=None):
+    """``fit``'s epoch: ``epoch(carry, raw_key, x, y) -> (carry, raw_key, checks)``, jitted.
 
-    ``step`` is a ``_checked`` step; the epoch returns its metrics stacked over the steps.
+    ``carry`` is ``(params, net_state, opt_state)``; ``raw_key`` the raw data of
+    a key of implementation ``impl``; ``(x, y)`` the whole training split on the
+    device. One ``lax.scan`` over ``steps`` shuffled batches of ``batch_size``;
+    ``checks`` are each step's ``(loss, params finite, opt_state finite)``.
     """
+    step = _checked(_step_fn(net, opt, grad), net.body.stochastic)
+    return _scanned_epoch(step, steps, batch_size, impl, batch_sharding)
 
-    def epoch(params, opt_state, key, x, y):
-        key, idx = _epoch_indices(key, x.shape[0], steps, batch_size, impl)
 
-        def body(carry, i):
+def _scanned_epoch(step, steps, batch_size, impl, batch_sharding):
+    """One epoch as a single jitted ``lax.scan`` over its steps; the data stays on device."""
+
+    def epoch(carry, key, x, y):
+        key, idx, step_keys = _epoch_indices(key, x.shape[0], steps, batch_size, impl)
+
+        def body(carry, i_and_key):
+            i, step_key = i_and_key
             batch = (x[i], y[i])
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            params, opt_state, checks = step(*carry, batch)
-            return (params, opt_state), checks
+            return step(carry, batch, step_key)
 
-        (params, opt_state), checks = jax.lax.scan(body, (params, opt_state), idx)
-        return params, opt_state, key, checks
+        carry, checks = jax.lax.scan(body, carry, (idx, step_keys))
+        return carry, key, checks
 
     return jax.jit(epoch)
 
@@ -306,14 +334,14 @@ def _looped_epoch(step, steps, batch_size, impl, mesh):
     indices = jax.jit(lambda key, n: _epoch_indices(key, n, steps, batch_size, impl),
                       static_argnums=1)
 
-    def epoch(params, opt_state, key, x, y):
-        key, idx = indices(key, x.shape[0])
+    def epoch(carry, key, x, y):
+        key, idx, step_keys = indices(key, x.shape[0])
         checks = []
-        for i in np.asarray(idx):
+        for i, step_key in zip(np.asarray(idx), step_keys):
             batch = parallel.shard_batch((x[i], y[i]), mesh)
-            params, opt_state, step_checks = jit_step(params, opt_state, batch)
+            carry, step_checks = jit_step(carry, batch, step_key)
             checks.append(step_checks)
-        return params, opt_state, key, tuple(jnp.stack(c) for c in zip(*checks))
+        return carry, key, tuple(jnp.stack(c) for c in zip(*checks))
 
     epoch.compiled = (jit_step, indices)
     return epoch
@@ -329,12 +357,13 @@ def _fits_on_device(nbytes: int) -> bool:
 
 def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, devices=None,
                         opt=None, on_epoch=None):
-    """Raise ``ValueError`` for arguments ``fit`` cannot train with; return the mesh.
+    """Raise ``ValueError`` for arguments ``fit`` cannot train with.
 
     Cheap (one pass over the data, no training FLOPs), so callers can check before
     any expensive work: ``epochs`` and ``batch_size`` are positive ints,
     ``batch_size`` fits the training split and divides over the devices, ``state``
-    is a ``TrainState`` (and, given ``opt``, holds a state of ``opt``), ``data``
+    is a ``TrainState`` (and, given ``opt``, holds a state of ``opt``; a network
+    with state needs ``state.net_state``), ``data``
     has both splits with finite features, ``on_epoch`` is callable or ``None``,
     and the labels of both splits suit the network's output (e.g. integer labels
     lie in ``[0, classes)``); a classifier's training split holds at least two
@@ -372,19 +401,19 @@ def check_fit_arguments(net, state: TrainState, data, *, epochs, batch_size, dev
             f"fit: batch_size {batch_size} must be divisible by the number of devices "
             f"({n_devices}) for data parallelism"
         )
+    if net.stateful and state.net_state is None:
+        raise ValueError("fit: the network has state (BatchNorm); state.net_state must hold it "
+                         "(build the state with init_state(net, opt, key, input_shape))")
     for split in ("train", "test"):
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
         try:
-            net.validate_labels(state.params, x, y)
+            net.validate_labels(state.params, x, y, state=state.net_state)
         except ValueError as err:
             raise ValueError(f"fit: {split} split: {err}") from None
     if net.loss_fn.takes_labels:  # a classifier: classes the test split needs, trained
-        from .data import check_classes, classes_in
-
         train_classes, test_classes = classes_in(data.y_train), classes_in(data.y_test)
         if train_classes is not None and test_classes is not None:
             check_classes(train_classes, test_classes, "fit", "fit", every_class=False)
-    return mesh
 
 
 def fit(
@@ -449,80 +478,37 @@ def fit(
         history nor ``on_epoch``, so a checkpoint saved there is only ever
         written from finite values; ``err.state`` is the last good state.
     """
-    mesh = check_fit_arguments(net, state, data, epochs=epochs, batch_size=batch_size,
-                               devices=devices, opt=opt, on_epoch=on_epoch)
+    check_fit_arguments(net, state, data, epochs=epochs, batch_size=batch_size,
+                        devices=devices, opt=opt, on_epoch=on_epoch)
     epochs, batch_size = int(epochs), int(batch_size)
-    n_devices = 1 if mesh is None else mesh.size
-    n = len(data.x_train)
-    steps = n // batch_size
-    first = parallel.devices(mesh)[0]
+    mesh = parallel.data_mesh(devices)
+    steps = len(data.x_train) // batch_size
     if fused is None:
         fused = _fits_on_device(data.x_train.nbytes + data.y_train.nbytes)
-
-    # The training data goes to the device(s) once (replicated: every device can
-    # gather any batch); the looped path keeps it on the host instead.
-    put = functools.partial(parallel.replicate, mesh=mesh)
-    x_train, y_train = (put(a) if fused else np.asarray(a) for a in (data.x_train, data.y_train))
-    m = min(n, TRAIN_EVAL_SAMPLES)
-    x_seen, y_seen = put(data.x_train[:m]), put(data.y_train[:m])
-    x_test, y_test = put(data.x_test), put(data.y_test)
-    params, opt_state = put(state.params), put(state.opt_state)
-    # The epochs carry the key's raw data: on a mesh, a typed key returned by a jitted
-    # function alternates between two equal physical shardings (P() and P(None)), so
-    # every other epoch missed jit's dispatch cache and added an entry (jax 0.10).
+    placed = _place(state, data, mesh, fused)
     impl = jax.random.key_impl(state.key)
-    typed = jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
-    key = put(jax.random.key_data(state.key))
-
-    def as_key(raw):  # the key as the caller passed it: typed or raw
-        return jax.random.wrap_key_data(raw, impl=impl) if typed else raw
-
-    step = _checked(_step_fn(net, opt, grad))
     if fused:
-        run_epoch = _fused_epoch(step, steps, batch_size, impl, parallel.batch_sharding(mesh))
+        run_epoch = fused_epoch(net, opt, grad, steps, batch_size, impl,
+                                parallel.batch_sharding(mesh))
     else:
+        step = _checked(_step_fn(net, opt, grad), net.body.stochastic)
         run_epoch = _looped_epoch(step, steps, batch_size, impl, mesh)
-
-    history = {k: [] for k in ("epoch", "step", "train_loss", "train_accuracy", "test_loss",
-                               "test_accuracy", "time")}
+    history = {k: [] for k in RECORD}
+    first = parallel.devices(mesh)[0]
     kind = first.platform if first.device_kind == first.platform else first.device_kind
-    history["steps"], history["device"] = 0, f"{n_devices} × {kind}"
+    history["steps"] = 0
+    history["device"] = f"{1 if mesh is None else mesh.size} × {kind}"
     bar = None
     if progress and state.epoch < epochs:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", desc="train")
-    start = time.perf_counter()
-    epoch, global_step = state.epoch, state.step
+    run = _epochs(net, state, placed, run_epoch, steps, epochs, mesh)
     try:
-        while epoch < epochs:
-            params_next, opt_next, key_next, checks = run_epoch(
-                params, opt_state, key, x_train, y_train
-            )
-            losses = np.asarray(checks[0])
-            test_loss, test_acc = evaluate(net, params_next, x_test, y_test, mesh)
-            _, train_acc = evaluate(net, params_next, x_seen, y_seen, mesh)
-            record = {
-                "epoch": epoch + 1,
-                "step": global_step + steps,
-                "train_loss": float(np.mean(losses)),
-                "train_accuracy": float(train_acc),
-                "test_loss": float(test_loss),
-                "test_accuracy": float(test_acc),
-                "time": time.perf_counter() - start,
-            }
-            # Nothing of a diverged epoch reaches the state, the history or on_epoch.
-            problem = _divergence(losses, *(np.asarray(c) for c in checks[1:]), record)
-            if problem is not None:
-                i, what = problem
-                good = TrainState(params, opt_state, as_key(key), epoch, global_step)
-                raise NonFiniteLossError(what, epoch + 1, i + 1, steps, global_step + i + 1, good)
-            params, opt_state, key = params_next, opt_next, key_next
-            epoch, global_step = epoch + 1, global_step + steps
+        for state, record in run:  # noqa: B020 (the last state is fit's result)
             for k, v in record.items():
                 history[k].append(v)
             history["steps"] += steps
-            state = TrainState(params, opt_state, as_key(key), epoch, global_step)
             if on_epoch is not None:
                 on_epoch(state, record)
             if bar is not None:
@@ -535,6 +521,77 @@ def fit(
             bar.close()
     history["compiled"] = _compile_counts(run_epoch)
     return state, history
+
+
+RECORD = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "time")
+
+
+class _Placed(NamedTuple):
+    """What the epochs read, on the device(s): the carry, the raw key and the data."""
+
+    carry: tuple  # (params, net_state, opt_state)
+    key: jax.Array  # raw key data (see _place)
+    train: tuple  # (x, y) on the device when fused, else on the host
+    seen: tuple  # at most TRAIN_EVAL_SAMPLES training samples, re-evaluated each epoch
+    test: tuple
+
+
+def _place(state, data, mesh, fused) -> _Placed:
+    """The state and data on the device(s), replicated: every device can gather any batch.
+
+    The looped path keeps the training data on the host instead. The epochs carry
+    the key's raw data: on a mesh, a typed key returned by a jitted function
+    alternates between two equal physical shardings (P() and P(None)), so every
+    other epoch missed jit's dispatch cache and added an entry (jax 0.10).
+    """
+    put = functools.partial(parallel.replicate, mesh=mesh)
+    train = tuple(put(a) if fused else np.asarray(a) for a in (data.x_train, data.y_train))
+    m = min(len(data.x_train), TRAIN_EVAL_SAMPLES)
+    carry = (put(state.params), put(state.net_state), put(state.opt_state))
+    return _Placed(carry, put(jax.random.key_data(state.key)), train,
+                   (put(data.x_train[:m]), put(data.y_train[:m])),
+                   (put(data.x_test), put(data.y_test)))
+
+
+def _epochs(net, state, placed, run_epoch, steps, epochs, mesh):
+    """Run epochs until ``epochs``, yielding ``(state, record)`` after each.
+
+    Nothing of a diverged epoch reaches the state or a record: its
+    ``NonFiniteLossError`` carries the state the epoch started from.
+    """
+    impl = jax.random.key_impl(state.key)
+    typed = jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+
+    def as_state(carry, raw_key, epoch, step):  # the key as the caller passed it
+        key = jax.random.wrap_key_data(raw_key, impl=impl) if typed else raw_key
+        params, net_state, opt_state = carry
+        return TrainState(params, opt_state, key, epoch, step, net_state)
+
+    carry, key = placed.carry, placed.key
+    epoch, global_step, start = state.epoch, state.step, time.perf_counter()
+    while epoch < epochs:
+        carry_next, key_next, checks = run_epoch(carry, key, *placed.train)
+        losses = np.asarray(checks[0])
+        params, net_state = carry_next[:2]
+        test_loss, test_acc = evaluate(net, params, *placed.test, mesh, net_state)
+        _, train_acc = evaluate(net, params, *placed.seen, mesh, net_state)
+        record = {
+            "epoch": epoch + 1,
+            "step": global_step + steps,
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": float(train_acc),
+            "test_loss": float(test_loss),
+            "test_accuracy": float(test_acc),
+            "time": time.perf_counter() - start,
+        }
+        problem = _divergence(losses, *(np.asarray(c) for c in checks[1:]), record)
+        if problem is not None:
+            i, what = problem
+            good = as_state(carry, key, epoch, global_step)
+            raise NonFiniteLossError(what, epoch + 1, i + 1, steps, global_step + i + 1, good)
+        carry, key = carry_next, key_next
+        epoch, global_step = epoch + 1, global_step + steps
+        yield as_state(carry, key, epoch, global_step), record
 
 
 def _divergence(losses, params_finite, opt_state_finite, record):

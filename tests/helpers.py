@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxbp.layers import Layer
+
 # Compiler options for the checks' programs: small, and each runs once, so LLVM's
 # optimisations would cost more compile time than they save in run time.
 RUN_ONCE = {"xla_backend_optimization_level": 0}
@@ -40,11 +42,19 @@ def max_tree_rel_error(a, b) -> float:
 def random_params(net, input_shape, rng, dtype=np.float64):
     """NumPy params of ``net.init``'s shapes and dtypes: standard normal, scaled by 1/√fan_in.
 
-    ``jax.eval_shape`` only traces ``init``: running it eagerly would compile a kernel
-    for every new shape, which costs more than the check it feeds. Biases (rank 1)
-    are standard normal, so they are never all zero.
+    ``net`` is a model (whose ``init`` returns the params) or a layer (whose ``init``
+    returns ``(params, state, output_shape)``); params may nest (lists of dicts for
+    ``Sequential`` blocks). ``jax.eval_shape`` only traces ``init``: running it eagerly
+    would compile a kernel for every new shape, which costs more than the check it
+    feeds. Biases (rank 1) are standard normal, so they are never all zero.
     """
-    shapes = jax.eval_shape(lambda k: net.init(k, input_shape, dtype), jax.random.key(0))
+    if isinstance(net, Layer):
+        def init(k):
+            return net.init(k, input_shape, dtype)[0]
+    else:
+        def init(k):
+            return net.init(k, input_shape, dtype)
+    shapes = jax.eval_shape(init, jax.random.key(0))
 
     def draw(s):
         fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1

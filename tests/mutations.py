@@ -3,23 +3,32 @@
 Each mutation is a test-only subclass of a layer, loss or network whose backward
 has one classic bug; its forward is untouched, so autodiff of the mutated
 network is still the true gradient. ``MUTATIONS`` pairs each with a network it
-silently runs in (no shape error) and with what ``gradcheck`` must report: the
-first divergence from the output and the exact set of failing rows.
+silently runs in (no shape error), the mode gradcheck checks it in (eval, or train
+mode with BatchNorm's state and Dropout's key) and what ``gradcheck`` must report:
+the first divergence from the output, a nested layer path such as
+``layers[1].layers[0].body.layers[3] (DenseWNotTransposed)``, and the exact set of
+failing rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Callable
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbp import Sequential, layers, losses, models
-from jaxbp.layers.activations import OutputResiduals
+from jaxbp.layers.base import call_backward, per_feature
+from jaxbp.layers.batchnorm import BatchNormEvalResiduals, BatchNormResiduals
+from jaxbp.layers.dropout import DropoutIdentityResiduals
 from jaxbp.layers.pool import AvgPoolResiduals
+from jaxbp.network import Model
 
 
 # ------------------------------------------------------------------------- layers
@@ -67,11 +76,7 @@ class ReLUMaskFromOutput(layers.ReLU):
     so ``y ≥ 0`` keeps every unit: the gradient leaks through dead units.
     """
 
-    def forward(self, params, x):
-        y = jax.nn.relu(x)
-        return y, OutputResiduals(y=y)
-
-    def backward(self, params, residuals, dy):
+    def backward(self, params, residuals, dy):  # (ReLU's forward stores y)
         return {}, jnp.where(residuals.y >= 0, dy, 0)
 
 
@@ -194,7 +199,7 @@ class LayerNormVarianceTermDropped(layers.LayerNorm):
 
     def backward(self, params, residuals, dy):
         dparams, _ = super().backward(params, residuals, dy)
-        dx_hat = dy * params["scale"][None, :]
+        dx_hat = dy * per_feature(params["scale"], dy.ndim)
         return dparams, residuals.rstd * (dx_hat - jnp.mean(dx_hat, axis=-1, keepdims=True))
 
 
@@ -203,7 +208,80 @@ class RMSNormTreatedAsConstant(layers.RMSNorm):
 
     def backward(self, params, residuals, dy):
         dparams, _ = super().backward(params, residuals, dy)
-        return dparams, residuals.rrms * dy * params["scale"][None, :]
+        return dparams, residuals.rrms * dy * per_feature(params["scale"], dy.ndim)
+
+
+class LayerNormMeanTermDropped(layers.LayerNorm):
+    """dx = rstd·(dx̂ − x̂ ⊙ mean(dx̂ ⊙ x̂)): forgets that x also moves the row's mean."""
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        x, mean, rstd = residuals
+        x_hat = (x - mean) * rstd
+        dx_hat = dy * per_feature(params["scale"], dy.ndim)
+        return dparams, rstd * (dx_hat - x_hat * jnp.mean(dx_hat * x_hat, axis=-1, keepdims=True))
+
+
+class BatchNormVarianceTermDropped(layers.BatchNorm):
+    """Train mode dx = (γ·rstd/M)(M·dy − Σdy): the − x̂ ⊙ Σ(dy ⊙ x̂) term left out.
+
+    That term is the path through the batch variance σ²_B, which every x of the
+    channel moves; without it only the batch mean's path is differentiated.
+    """
+
+    def backward(self, params, residuals, dy):
+        dparams, dx = super().backward(params, residuals, dy)
+        if isinstance(residuals, BatchNormResiduals):
+            m, nd = math.prod(dy.shape[:-1]), dy.ndim
+            gain = params["scale"] * residuals.rstd
+            dx = per_feature(gain / m, nd) * (m * dy - per_feature(dparams["offset"], nd))
+        return dparams, dx
+
+
+class BatchNormTrainBackwardAlways(layers.BatchNorm):
+    """The train-mode formula in eval mode too: differentiates through batch statistics
+    that the eval forward never computed (it used the running ones, constants)."""
+
+    def backward(self, params, residuals, dy):
+        return super().backward(params, BatchNormResiduals(*residuals), dy)
+
+
+class BatchNormEvalBackwardAlways(layers.BatchNorm):
+    """The eval-mode formula dx = γ·rstd·dy in train mode too: the batch mean and
+    variance, functions of x, are treated as constants."""
+
+    def backward(self, params, residuals, dy):
+        return super().backward(params, BatchNormEvalResiduals(*residuals), dy)
+
+
+class DropoutNotRescaled(layers.Dropout):
+    """dx = where(keep, dy, 0): the mask applied, but not the forward's 1/(1 − rate)."""
+
+    def backward(self, params, residuals, dy):
+        if isinstance(residuals, DropoutIdentityResiduals):
+            return {}, dy
+        return {}, jnp.where(residuals.keep, dy, 0)
+
+
+class ResidualSkipGradientDropped(layers.Residual):
+    """dx = body dx only: forgets that x also reaches the output through the skip path."""
+
+    def backward(self, params, residuals, dy):
+        return call_backward(self.body, "body", params, residuals, dy)
+
+
+class DenseAveragedOverPositions(layers.Dense):
+    """dW and db summed over the batch but averaged over the other leading axes.
+
+    On (batch, time, in) inputs the time steps share W, so their contributions
+    add up like the samples'; dividing by the sequence length applies the loss's
+    mean twice. On (batch, in) inputs it is right, so it hides in sequence models.
+    """
+
+    def backward(self, params, residuals, dy):
+        dparams, dx = super().backward(params, residuals, dy)
+        positions = math.prod(dy.shape[1:-1])
+        return {k: g / positions for k, g in dparams.items()}, dx
 
 
 # ------------------------------------------------------------------------- losses
@@ -248,16 +326,22 @@ class HingeLabelScoreHeldConstant(losses.Hinge):
 
 
 # ------------------------------------------------------------------------ network
-class SequentialNoDecayGradient(Sequential):
-    """The objective has λ/2 Σ‖W‖², but the gradient leaves out the λW term."""
+class ModelNoDecayGradient(Model):
+    """The objective has λ/2 Σ‖W‖², but the gradient leaves out the λW term.
 
-    def manual_backward_with_signals(self, params, x, y):
-        grads, signals = super().manual_backward_with_signals(params, x, y)
-        grads = [
-            {k: g - self.weight_decay * p[k] if k in layer.decay_keys else g for k, g in d.items()}
-            for layer, p, d in zip(self.layers, params, grads, strict=True)
-        ]
-        return grads, signals
+    ``_manual`` is the hand-written backward every manual method (and gradcheck)
+    runs; the layers' own backward passes are right.
+    """
+
+    def _manual(self, params, state, x, y, ctx, remat_every):
+        J, grads, new_state, signals = super()._manual(params, state, x, y, ctx, remat_every)
+        grads = jax.tree.map(lambda g, p, d: g - self.weight_decay * p if d else g,
+                             grads, params, self.body.decayed(params))
+        return J, grads, new_state, signals
+
+
+def without_decay_gradient(net):
+    return ModelNoDecayGradient(net.body, net.loss_fn, net.weight_decay)
 
 
 # ------------------------------------------------------------------------- cases
@@ -283,6 +367,41 @@ def replace_layer(net, i, layer):
 
 def replace_loss(net, loss):
     return Sequential(net.layers, loss=loss, weight_decay=net.weight_decay)
+
+
+def _replace_in(layer, steps, new):
+    """``layer`` with the nested layer at ``steps`` ("layers[i]", "body", ...) replaced."""
+    if not steps:
+        return new
+    step, rest = steps[0], steps[1:]
+    if step == "body":
+        return dataclasses.replace(layer, body=_replace_in(layer.body, rest, new))
+    i = int(re.fullmatch(r"layers\[(\d+)\]", step).group(1))
+    children = list(layer.layers)
+    children[i] = _replace_in(children[i], rest, new)
+    return layers.Sequential(children)
+
+
+def replace_at(net, path, layer):
+    """``net`` with the layer at the nested path ``path`` (e.g. ``layers[1].body.layers[2]``,
+    as gradcheck names it) replaced by ``layer``."""
+    body = _replace_in(net.body, path.split("."), layer)
+    return Sequential(body.layers, loss=net.loss_fn, weight_decay=net.weight_decay)
+
+
+def running_state(net, input_shape, seed=0):
+    """``net``'s state with random running statistics (means ~ N(0, 0.3²), variances in
+    [0.5, 2]) in place of the initial zeros and ones, built by NumPy."""
+    shapes = jax.eval_shape(lambda k: net.init_state(k, input_shape, jnp.float64),
+                            jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if path[-1].key == "mean":
+            return 0.3 * rng.normal(size=s.shape)
+        return rng.uniform(0.5, 2.0, size=s.shape)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _tanh3(weight_decay=0.0):
@@ -346,6 +465,75 @@ def _norm(norm):
     return dense_case(stack, losses.SoftmaxCrossEntropy(), 3, 6, seed=4, int_labels=True)
 
 
+def numpy_case(net, input_shape, batch, seed, classes=3):
+    """``(params, x, labels)`` drawn by NumPy (eager jax.random and init calls would compile
+    kernels): W ~ N(0, 1/fan_in), every vector (biases, scales, offsets) ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: net.init(k, input_shape, jnp.float64), jax.random.key(0))
+
+    def draw(a):
+        fan_in = math.prod(a.shape[:-1]) if a.ndim > 1 else 1
+        return rng.normal(size=a.shape) / np.sqrt(fan_in)
+
+    params = jax.tree.map(draw, shapes)
+    x = rng.normal(size=(batch, *input_shape))
+    return params, x, rng.integers(0, classes, size=(batch, *input_shape[:-1]))
+
+
+def _residual_mlp(weight_decay=0.0):
+    """Dense(4) → Residual(Dense(4) → Tanh → Dense(4)) → Tanh → Dense(3), softmax-CE."""
+    block = layers.Sequential([layers.Dense(4), layers.Tanh(), layers.Dense(4)])
+    stack = [layers.Dense(4), layers.Residual(block), layers.Tanh(), layers.Dense(3)]
+    net = Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+    return (net, *numpy_case(net, (3,), batch=5, seed=5))
+
+
+def sequence_blocks(weight_decay=0.0):
+    """Two pre-norm residual blocks nested in a Sequential, on (batch, time, features) inputs.
+
+    Paths (gradcheck's names)::
+
+      layers[0]                        Dense(4)               (3, 2, 3) → (3, 2, 4)
+      layers[1]                        Sequential
+      layers[1].layers[0]              Residual
+      layers[1].layers[0].body         Sequential([LayerNorm, Dense(4), Tanh, Dense(4)])
+      layers[1].layers[1]              Residual
+      layers[1].layers[1].body         Sequential([BatchNorm, Dense(4), Tanh, Dropout(0.5),
+                                                   Dense(4)])
+      layers[2]                        RMSNorm
+      layers[3]                        Dense(3)               → softmax-CE on (3, 2) labels
+    """
+    block0 = layers.Sequential([layers.LayerNorm(), layers.Dense(4), layers.Tanh(),
+                                layers.Dense(4)])
+    block1 = layers.Sequential([layers.BatchNorm(), layers.Dense(4), layers.Tanh(),
+                                layers.Dropout(0.5), layers.Dense(4)])
+    stack = [layers.Dense(4), layers.Sequential([layers.Residual(block0), layers.Residual(block1)]),
+             layers.RMSNorm(), layers.Dense(3)]
+    net = Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+    return (net, *numpy_case(net, (2, 3), batch=3, seed=6))
+
+
+def _rows(prefix, names):
+    return {f"{prefix}.{name}" for name in names.split()}
+
+
+# The rows of sequence_blocks below each of its nested layers, from the output down
+# (what a wrong dx at that layer makes wrong too).
+_SEQ_INPUT = _rows("layers[0]", "dx W b")
+_SEQ_BLOCK0 = (_rows("layers[1].layers[0].body.layers[3]", "dx W b")
+               | _rows("layers[1].layers[0].body.layers[2]", "dx")
+               | _rows("layers[1].layers[0].body.layers[1]", "dx W b")
+               | _rows("layers[1].layers[0].body.layers[0]", "dx scale offset")
+               | _rows("layers[1].layers[0].body", "dx") | _rows("layers[1].layers[0]", "dx"))
+_SEQ_BELOW_BLOCK1 = _SEQ_BLOCK0 | _rows("layers[1]", "dx") | _SEQ_INPUT
+_SEQ_BN_DX = _rows("layers[1].layers[1].body.layers[0]", "dx") | _rows(
+    "layers[1].layers[1].body", "dx") | _rows("layers[1].layers[1]", "dx")
+_BN = "layers[1].layers[1].body.layers[0]"
+# BatchNorm's train-mode dx sums to 0 over each channel (the batch mean's path), so a wrong
+# signal above a correct BatchNorm never reaches the bias of the Dense that ends block 0: its
+# gradient Σ dy sees only the skip path.
+_SEQ_BLOCK0_B = _rows("layers[1].layers[0].body.layers[3]", "b")
+
 _CNN_BELOW_3 = frozenset({f"layers[{j}].dx" for j in range(4)} | {"layers[0].W", "layers[0].b"})
 
 
@@ -363,9 +551,17 @@ class Mutation:
 
     name: str
     case: Callable[[], tuple]  # () -> (net, params, x, y), correct
-    mutate: Callable[[Sequential], Sequential]
+    mutate: Callable[[Model], Model]
     blame: str  # expected report.first_divergence
     failing: frozenset[str] | str  # expected failing rows, or EVERY
+    mode: str | None = None  # None: gradcheck's defaults; "train" / "eval": with state and key
+
+    def gradcheck_mode(self, net, x):
+        """gradcheck's ``state``, ``key`` and ``train`` for this mutation's case."""
+        if self.mode is None:
+            return {}
+        return {"state": running_state(net, tuple(x.shape[1:])), "key": jax.random.key(7),
+                "train": self.mode == "train"}
 
 
 def _below(i, rows=("W", "b")):
@@ -400,7 +596,7 @@ MUTATIONS = [
     Mutation(
         "lambda*W left out",
         lambda: _tanh3(weight_decay=0.1),
-        lambda net: SequentialNoDecayGradient(net.layers, net.loss_fn, net.weight_decay),
+        without_decay_gradient,
         "layers[4] (Dense)",
         frozenset({"layers[0].W", "layers[2].W", "layers[4].W"}),
     ),
@@ -557,5 +753,94 @@ MUTATIONS = [
         lambda net: replace_layer(net, 1, RMSNormTreatedAsConstant()),
         "layers[1] (RMSNormTreatedAsConstant)",
         frozenset(_below(1)),
+    ),
+    # --- nested blocks, (batch, time, features) inputs, state and dropout keys
+    Mutation(
+        "W instead of W^T inside a residual block",
+        _residual_mlp,
+        lambda net: replace_at(net, "layers[1].body.layers[2]", DenseWNotTransposed(4)),
+        "layers[1].body.layers[2] (DenseWNotTransposed)",
+        frozenset(_rows("layers[1].body.layers[2]", "dx") | _rows("layers[1].body.layers[1]", "dx")
+                  | _rows("layers[1].body.layers[0]", "dx W b") | _rows("layers[1].body", "dx")
+                  | _rows("layers[1]", "dx") | _rows("layers[0]", "dx W b")),
+    ),
+    Mutation(
+        "residual skip gradient dropped",
+        _residual_mlp,
+        lambda net: replace_at(net, "layers[1]", ResidualSkipGradientDropped(net.layers[1].body)),
+        "layers[1] (ResidualSkipGradientDropped)",
+        frozenset(_rows("layers[1]", "dx") | _rows("layers[0]", "dx W b")),
+    ),
+    Mutation(
+        "nested residual skip gradient dropped",
+        sequence_blocks,
+        lambda net: replace_at(net, "layers[1].layers[1]",
+                               ResidualSkipGradientDropped(net.layers[1].layers[1].body)),
+        "layers[1].layers[1] (ResidualSkipGradientDropped)",
+        frozenset(_rows("layers[1].layers[1]", "dx") | _SEQ_BELOW_BLOCK1),
+        mode="train",
+    ),
+    Mutation(
+        "Dense gradient averaged over the time steps",
+        sequence_blocks,
+        lambda net: replace_at(net, "layers[1].layers[1].body.layers[1]",
+                               DenseAveragedOverPositions(4)),
+        "layers[1].layers[1].body.layers[1] (DenseAveragedOverPositions)",
+        frozenset(_rows("layers[1].layers[1].body.layers[1]", "W b")),
+        mode="train",
+    ),
+    Mutation(
+        "lambda*W left out of nested Dense layers",
+        lambda: _residual_mlp(weight_decay=0.1),
+        without_decay_gradient,
+        "layers[3] (Dense)",
+        frozenset({"layers[0].W", "layers[1].body.layers[0].W", "layers[1].body.layers[2].W",
+                   "layers[3].W"}),
+    ),
+    Mutation(
+        "LayerNorm backward without the mean term",
+        sequence_blocks,
+        lambda net: replace_at(net, "layers[1].layers[0].body.layers[0]",
+                               LayerNormMeanTermDropped()),
+        "layers[1].layers[0].body.layers[0] (LayerNormMeanTermDropped)",
+        frozenset(_rows("layers[1].layers[0].body.layers[0]", "dx")
+                  | _rows("layers[1].layers[0].body", "dx") | _rows("layers[1].layers[0]", "dx")
+                  | _rows("layers[1]", "dx") | _SEQ_INPUT),
+        mode="train",
+    ),
+    Mutation(
+        "BatchNorm backward without the variance term",
+        sequence_blocks,
+        lambda net: replace_at(net, _BN, BatchNormVarianceTermDropped()),
+        f"{_BN} (BatchNormVarianceTermDropped)",
+        frozenset(_SEQ_BN_DX | _SEQ_BELOW_BLOCK1 - _SEQ_BLOCK0_B),  # (its dx still sums to 0)
+        mode="train",
+    ),
+    Mutation(
+        "BatchNorm train-mode backward in eval mode",
+        sequence_blocks,
+        lambda net: replace_at(net, _BN, BatchNormTrainBackwardAlways()),
+        f"{_BN} (BatchNormTrainBackwardAlways)",
+        frozenset(_SEQ_BN_DX | _SEQ_BELOW_BLOCK1),
+        mode="eval",
+    ),
+    Mutation(
+        "BatchNorm eval-mode backward in train mode",
+        sequence_blocks,
+        lambda net: replace_at(net, _BN, BatchNormEvalBackwardAlways()),
+        f"{_BN} (BatchNormEvalBackwardAlways)",
+        frozenset(_SEQ_BN_DX | _SEQ_BELOW_BLOCK1),
+        mode="train",
+    ),
+    Mutation(
+        "Dropout backward without the 1/(1 - rate) scale",
+        sequence_blocks,
+        lambda net: replace_at(net, "layers[1].layers[1].body.layers[3]", DropoutNotRescaled(0.5)),
+        "layers[1].layers[1].body.layers[3] (DropoutNotRescaled)",
+        frozenset(_rows("layers[1].layers[1].body.layers[3]", "dx")
+                  | _rows("layers[1].layers[1].body.layers[2]", "dx")
+                  | _rows("layers[1].layers[1].body.layers[1]", "dx W b")
+                  | _rows(_BN, "scale offset") | _SEQ_BN_DX | _SEQ_BELOW_BLOCK1 - _SEQ_BLOCK0_B),
+        mode="train",
     ),
 ]

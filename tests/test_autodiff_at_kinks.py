@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 
 from jaxbp import layers, losses
+from jaxbp.layers.base import call
 from tests.helpers import rel_error
 
 STEP = 1e-6
+CTX = layers.Context()  # eval mode: activations are stateless and deterministic
+
+
+def forward(layer, x):
+    """An activation's ``(y, residuals)`` through ``check`` then ``forward``."""
+    y, state, residuals = call(layer, "layer", {}, {}, x, CTX)
+    assert state == {}, state
+    return y, residuals
 
 
 def finite_differences(f, z):
@@ -107,15 +116,15 @@ def test_activation_gradients_agree_at_zero_and_kinks(layer, smooth):
 
     @jax.jit
     def both(x):
-        y, residuals = layer.forward({}, x)
+        y, residuals = forward(layer, x)
         _, manual = layer.backward({}, residuals, dy)
-        _, vjp = jax.vjp(lambda a: layer.forward({}, a)[0], x)
+        _, vjp = jax.vjp(lambda a: forward(layer, a)[0], x)
         return manual, vjp(dy)[0]
 
     manual, auto = both(x)
     assert rel_error(auto, manual) <= 1e-12, (auto, manual)
-    forward = jax.jit(lambda a: jnp.sum(dy * layer.forward({}, a)[0]))
-    fd = finite_differences(forward, x)
+    value = jax.jit(lambda a: jnp.sum(dy * forward(layer, a)[0]))
+    fd = finite_differences(value, x)
     at_zero = np.asarray(x) == 0
     if smooth:
         assert rel_error(fd, manual) <= 1e-6

@@ -67,7 +67,8 @@ def test_bfloat16_gradients_are_measured_against_float32_autodiff():
     params = net.init(jax.random.key(0), (8, 8, 1), jnp.bfloat16)
     x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1), jnp.bfloat16)
     y = jax.random.randint(jax.random.key(2), (16,), 0, 3)
-    reference, errors = bench._gradient_errors(net, params, x, y, 2)
+    mode = {"state": None, "key": None, "train": True}
+    reference, errors = bench._gradient_errors(net, params, x, y, 2, mode)
     assert reference == "float32" and set(errors) == {"manual", "remat", "autodiff"}
     assert max(errors["manual"], errors["remat"]) < 0.05, errors  # 8 significant bits
     assert errors["autodiff"] > 0
@@ -144,8 +145,8 @@ def no_compiling(monkeypatch):
     (dict(remat_every=-2), "remat_every must be an int >= 0; got -2"),
     (dict(remat_every=True), "remat_every must be an int >= 0; got True"),
     (dict(peak_size=0), "peak_size must be a positive int; got 0"),
-    (dict(round_seconds=-0.1), "round_seconds must be a finite number ≥ 0; got -0.1"),
-    (dict(round_seconds=float("nan")), "round_seconds must be a finite number ≥ 0; got nan"),
+    (dict(round_seconds=-0.1), "round_seconds must be a finite number >= 0; got -0.1"),
+    (dict(round_seconds=float("nan")), "round_seconds must be a finite number >= 0; got nan"),
     (dict(dtype="foo"), "dtype must be one of float32, float64, bfloat16, float16; got 'foo'"),
     (dict(dtype="int32"), "dtype must be one of float32, float64, bfloat16, float16; got 'int32'"),
     (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, adam; got 'lbfgs'"),
@@ -172,9 +173,9 @@ def test_float64_needs_x64():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--models", "foo"], "argument --models: expected a comma-separated list of mlp-small, "
-                          "mlp-large, cnn, deep-mlp; got 'foo' (unknown: foo)"),
+                          "mlp-large, cnn, deep-mlp, mlp-bn, resmlp; got 'foo' (unknown: foo)"),
     (["--models", ","], "argument --models: expected a comma-separated list of mlp-small, "
-                        "mlp-large, cnn, deep-mlp; got ','"),
+                        "mlp-large, cnn, deep-mlp, mlp-bn, resmlp; got ','"),
     (["--dtype", "int32"], "argument --dtype: invalid choice: 'int32'"),
     (["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
     (["--rounds", "0"], "argument --rounds: expected a positive int; got '0'"),
@@ -288,10 +289,11 @@ TORCH_LAYERS = [
                                               layers.Flatten(), layers.ELU(1.0),
                                               layers.LeakyReLU(0.3), layers.LayerNorm(),
                                               layers.LayerNorm(0.5), layers.RMSNorm(),
-                                              layers.RMSNorm(0.5)]
+                                              layers.RMSNorm(0.5), layers.BatchNorm()]
 ] + [
     (layer, (6, 5, 3)) for layer in [
         *ACTIVATIONS, layers.Flatten(), layers.LayerNorm(0.1), layers.RMSNorm(0.1),
+        layers.BatchNorm(0.3, eps=0.01),
         layers.Conv2D(4, 3), layers.Conv2D(2, (3, 2), 2, 1),
         layers.Conv2D(2, 3, padding="SAME", use_bias=False), layers.Conv2D(3, 1, (1, 2)),
         layers.MaxPool2D(2), layers.MaxPool2D((3, 2), (1, 2)), layers.AvgPool2D(2),
@@ -302,7 +304,10 @@ TORCH_LAYERS = [
 
 @pytest.mark.parametrize("layer, shape", TORCH_LAYERS, ids=lambda v: repr(v))
 def test_torch_reference_computes_each_layers_function(layer, shape):
-    """Forward equality in float64, with the layer's own params copied over."""
+    """Forward equality in float64 in train mode (PyTorch's default), the layer's params copied.
+
+    BatchNorm: batch statistics, and the same running statistics after the step.
+    """
     torch = pytest.importorskip("torch")
     module, out_shape = bench_torch._module(torch, layer, shape)
     rng = np.random.default_rng(0)
@@ -310,10 +315,14 @@ def test_torch_reference_computes_each_layers_function(layer, shape):
     module = module.to(torch.float64)
     _load(torch, module, params)
     x = 2 * rng.normal(size=(3, *shape))
-    want = np.asarray(layer.forward(params, x)[0])
+    state = layer.init(None, shape, np.float64)[1] if layer.stateful else {}
+    want, new_state, _ = layer.forward(params, state, x, layers.Context(train=True))
     got = _to_nhwc(module(torch.from_numpy(_to_nchw(x))).detach().numpy())
     assert want.shape == (3, *out_shape) and got.shape == want.shape
-    assert rel_error(got, want) <= 1e-12
+    assert rel_error(got, np.asarray(want)) <= 1e-12
+    if layer.stateful:
+        assert rel_error(module.running_mean.numpy(), np.asarray(new_state["mean"])) <= 1e-12
+        assert rel_error(module.running_var.numpy(), np.asarray(new_state["var"])) <= 1e-12
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 from jaxbp import Sequential, conv_output_size, layers, losses, models
+from jaxbp.layers.base import call
 from tests.helpers import RUN_ONCE, max_tree_rel_error
 
 KEY = jax.random.key(0)
@@ -28,9 +29,21 @@ IMAGE = np.array(
 )  # tutorial 004's 5×5 binary image
 FILTER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], float)
 PADDINGS = [0, 1, 2, "SAME", "VALID"]
+CTX = layers.Context()  # eval mode, no key: these layers are deterministic and stateless
 
 
 # ------------------------------------------------------------------ helpers
+def forward(layer, params, x):
+    """``(y, residuals)`` of a stateless layer, through ``check`` then ``forward``.
+
+    ``call`` is how a container runs a child: valid inputs here must pass the layer's
+    checks too, and the state the layer returns must stay ``{}``.
+    """
+    y, state, residuals = call(layer, "layer", params, {}, x, CTX)
+    assert state == {}, state
+    return y, residuals
+
+
 def random_case(layer, input_shape, batch, seed, dtype=np.float64):
     """``(params, x, dy)`` drawn by NumPy: params (non-zero biases too), input, cotangent.
 
@@ -41,7 +54,7 @@ def random_case(layer, input_shape, batch, seed, dtype=np.float64):
     shapes = jax.eval_shape(lambda k: layer.init(k, input_shape, dtype)[0], KEY)
     params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(dtype), shapes)
     x = rng.normal(size=(batch, *input_shape)).astype(dtype)
-    y = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x)
+    y = jax.eval_shape(lambda p, a: forward(layer, p, a)[0], params, x)
     return params, x, rng.normal(size=y.shape).astype(dtype)
 
 
@@ -49,8 +62,8 @@ def random_case(layer, input_shape, batch, seed, dtype=np.float64):
 def _manual_and_vjp(layers_, cases):
     out = []
     for layer, (params, x, dy) in zip(layers_, cases, strict=True):
-        _, residuals = layer.forward(params, x)
-        _, pullback = jax.vjp(lambda p, a, layer=layer: layer.forward(p, a)[0], params, x)
+        _, residuals = forward(layer, params, x)
+        _, pullback = jax.vjp(lambda p, a, layer=layer: forward(layer, p, a)[0], params, x)
         out.append((layer.backward(params, residuals, dy), pullback(dy)))
     return out
 
@@ -89,7 +102,7 @@ def tutorial_params():
 
 
 def test_tutorial_feature_map_stride_1():
-    y, _ = layers.Conv2D(1, 3).forward(tutorial_params(), jnp.asarray(IMAGE)[None, :, :, None])
+    y, _ = forward(layers.Conv2D(1, 3), tutorial_params(), jnp.asarray(IMAGE)[None, :, :, None])
     assert y.shape == (1, 3, 3, 1)
     assert y[0, 0, 0, 0] == 4  # 1+0+1+0+1+0+0+0+1
     np.testing.assert_array_equal(y[0, :, :, 0], [[4, 3, 4], [2, 4, 3], [2, 3, 4]])
@@ -97,9 +110,9 @@ def test_tutorial_feature_map_stride_1():
 
 def test_tutorial_feature_map_stride_2():
     layer = layers.Conv2D(1, 3, stride=2)
-    y, _ = layer.forward(tutorial_params(), jnp.asarray(IMAGE)[None, :, :, None])
+    y, _ = forward(layer, tutorial_params(), jnp.asarray(IMAGE)[None, :, :, None])
     np.testing.assert_array_equal(y[0, :, :, 0], [[4, 4], [2, 4]])
-    assert layer.init(KEY, (5, 5, 1))[1] == (2, 2, 1)
+    assert layer.init(KEY, (5, 5, 1))[1:] == ({}, (2, 2, 1))
     assert conv_output_size(5, 3, stride=2, padding=0) == 2
 
 
@@ -115,10 +128,10 @@ def test_tutorial_depth_3_two_filters():
     """5×5×3, zero padding 1 (7×7×3), two 3×3×3 filters, stride 2 → 3×3×2, 56 parameters."""
     layer = layers.Conv2D(2, 3, stride=2, padding=1)
     params, x, _ = random_case(layer, (5, 5, 3), 1, seed=1)
-    assert layer.init(KEY, (5, 5, 3))[1] == (3, 3, 2)
+    assert layer.init(KEY, (5, 5, 3))[1:] == ({}, (3, 3, 2))
     assert params["W"].shape == (3, 3, 3, 2)
     assert sum(p.size for p in params.values()) == (3 * 3 * 3 + 1) * 2 == 56
-    y, _ = layer.forward(params, x)
+    y, _ = forward(layer, params, x)
     np.testing.assert_allclose(
         y, naive_conv(x, params["W"], params["b"], (2, 2), ((1, 1), (1, 1))), rtol=1e-12
     )
@@ -132,7 +145,7 @@ def test_forward_matches_naive_loops(kernel, stride, padding):
     layer = layers.Conv2D(3, kernel, stride, padding)
     params, x, _ = random_case(layer, (7, 6, 2), 2, seed=2)
     pads, _ = layer._geometry((7, 6))
-    y, _ = layer.forward(params, x)
+    y, _ = forward(layer, params, x)
     np.testing.assert_allclose(y, naive_conv(x, params["W"], params["b"], layer.stride, pads),
                                rtol=1e-12, atol=1e-12)
 
@@ -179,13 +192,13 @@ def test_backward_where_xla_lhs_dilation_aborts():
     is forward-mode: the Jacobians of ``jax.jacfwd`` contracted with dy."""
     layer = layers.Conv2D(2, (4, 2), stride=(5, 2), padding=(2, 1))
     params, x, dy = random_case(layer, (4, 4, 3), 2, seed=7)
-    dparams, dx = layer.backward(params, layer.forward(params, x)[1], dy)
+    dparams, dx = layer.backward(params, forward(layer, params, x)[1], dy)
 
     def reference(fn, arg):
         return jnp.tensordot(dy, jax.jacfwd(fn)(arg), axes=dy.ndim)
 
-    dx_ref = reference(lambda x: layer.forward(params, x)[0], x)
-    dW_ref = reference(lambda W: layer.forward({**params, "W": W}, x)[0], params["W"])
+    dx_ref = reference(lambda x: forward(layer, params, x)[0], x)
+    dW_ref = reference(lambda W: forward(layer, {**params, "W": W}, x)[0], params["W"])
     assert max_tree_rel_error([dx, dparams["W"]], [dx_ref, dW_ref]) <= 1e-12
 
 
@@ -200,13 +213,13 @@ def test_float32_backward_with_padding_beyond_the_kernel():
         grads = {}
         for dtype in (np.float32, np.float64):
             p, a, d = jax.tree.map(lambda v, t=dtype: np.asarray(v, t), (params, x, dy))
-            dparams, dx = layer.backward(p, layer.forward(p, a)[1], d)
+            dparams, dx = layer.backward(p, forward(layer, p, a)[1], d)
             grads[dtype] = [dx, dparams["W"]]
         assert grads[np.float32][0].dtype == np.float32
         assert max_tree_rel_error(grads[np.float32], grads[np.float64]) <= 1e-5
         # and the float64 one is autodiff's (XLA:CPU is right there)
         p, a, d = jax.tree.map(lambda v: np.asarray(v, np.float64), (params, x, dy))
-        _, vjp = jax.vjp(lambda W, a, p=p, layer=layer: layer.forward({**p, "W": W}, a)[0],
+        _, vjp = jax.vjp(lambda W, a, p=p, layer=layer: forward(layer, {**p, "W": W}, a)[0],
                          p["W"], a)
         dW_ref, dx_ref = vjp(d)
         assert max_tree_rel_error(grads[np.float64], [dx_ref, dW_ref]) <= 1e-10
@@ -294,11 +307,11 @@ def test_output_size_agrees_with_xla(padding):
 # ----------------------------------------------------------------- bad input
 def test_channel_mismatch():
     layer = layers.Conv2D(4, 3)
-    params, _ = layer.init(KEY, (8, 8, 3))
+    params, state, _ = layer.init(KEY, (8, 8, 3))
     msg = ("Conv2D: input x has 1 channels but W expects 3 (W shape (3, 3, 3, 4)); "
            "got x shape (2, 8, 8, 1), expected (batch, height, width, 3)")
     with pytest.raises(ValueError, match=re.escape(msg) + "$"):
-        layer.forward(params, jnp.ones((2, 8, 8, 1)))
+        layer.check(params, state, jnp.ones((2, 8, 8, 1)), CTX)
 
 
 def test_nchw_input_is_named():
@@ -314,11 +327,11 @@ def test_nchw_input_is_named():
 
 def test_wrong_rank():
     layer = layers.Conv2D(4, 3)
-    params, _ = layer.init(KEY, (8, 8, 1))
+    params, state, _ = layer.init(KEY, (8, 8, 1))
     msg = ("Conv2D: input x must have rank 4 (batch, height, width, channels) NHWC; "
            "got shape (8, 8, 1) (rank 3)")
     with pytest.raises(ValueError, match=re.escape(msg)):
-        layer.forward(params, jnp.ones((8, 8, 1)))
+        layer.check(params, state, jnp.ones((8, 8, 1)), CTX)
     msg = ("Conv2D: input_shape must be (height, width, channels) (batch axis excluded, NHWC); "
            "got (784,)")
     with pytest.raises(ValueError, match=re.escape(msg)):

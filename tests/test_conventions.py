@@ -21,6 +21,7 @@ from jaxbp.conventions import (
     row_to_augmented,
     row_to_column,
 )
+from jaxbp.layers.base import call
 
 from .helpers import max_tree_rel_error, rel_error
 
@@ -62,7 +63,7 @@ def test_no_bias_layer_converts_without_b():
 def test_three_forwards_agree_with_dense_layer():
     row = _row_params()
     x = jax.random.normal(jax.random.key(1), (5, 3))
-    y_dense, _ = layers.Dense(4).forward(row, x)
+    y_dense, _, _ = call(layers.Dense(4), "layers[0]", row, {}, x, layers.Context())
     np.testing.assert_array_equal(row_forward(row, x), y_dense)
     z_col = column_forward(row_to_column(row), x.T)
     z_aug = augmented_forward(row_to_augmented(row), x.T)

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import pytest
 
 from jaxbp import Sequential, layers, losses, models
+from jaxbp.layers.base import call
 from tests.helpers import max_tree_rel_error
+
+CTX = layers.Context()  # eval mode, no key
 
 
 def mlp(loss=None):
@@ -20,15 +23,17 @@ def mlp(loss=None):
 
 def test_wrong_feature_size_names_layer_and_shapes():
     net, params = mlp()
-    msg = ("layers[0] Dense: input x has 5 features but W expects 2 (W shape (2, 4)); "
-           "got x shape (7, 5), expected (batch, 2)")
+    msg = ("layers[0] Dense: input x must have shape (batch, …, 2) to match W of shape (2, 4); "
+           "got x shape (7, 5)")
     with pytest.raises(ValueError, match=re.escape(msg)):
         net.forward(params, jnp.ones((7, 5)))
 
 
 def test_wrong_rank():
+    """One sample without its batch axis: Dense takes (batch, …, in) of any rank >= 2."""
     net, params = mlp()
-    msg = "layers[0] Dense: input x must have rank 2 (batch, features); got shape (2,) (rank 1)"
+    msg = ("layers[0] Dense: input x must have shape (batch, …, 2) to match W of shape (2, 4); "
+           "got x shape (2,)")
     with pytest.raises(ValueError, match=re.escape(msg)):
         net.loss(params, jnp.ones((2,)), jnp.array([0]))
 
@@ -36,8 +41,9 @@ def test_wrong_rank():
 def test_hand_built_params_with_wrong_shape_name_the_later_layer():
     net, params = mlp()
     params[2]["W"] = jnp.ones((5, 3))
-    with pytest.raises(ValueError, match=re.escape("layers[2] Dense: input x has 4 features "
-                                                   "but W expects 5")):
+    with pytest.raises(ValueError, match=re.escape(
+            "layers[2] Dense: input x must have shape (batch, …, 5) to match W of shape (5, 3); "
+            "got x shape (1, 4)")):
         net.manual_backward(params, jnp.ones((1, 2)), jnp.array([0]))
 
 
@@ -83,7 +89,7 @@ def test_unknown_loss_target_combinations():
 def test_params_of_the_wrong_structure():
     net, params = mlp()
     with pytest.raises(ValueError, match=re.escape(
-            "Sequential: params must be a list with one dict per layer (3); got 2")):
+            "Sequential: params must be a list with one entry per layer (3); got 2")):
         net.forward(params[:2], jnp.ones((1, 2)))
 
 
@@ -93,7 +99,7 @@ def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match=re.escape("Dense: init must be one of")):
         layers.Dense(3, init="uniform")
     for bad in (-1, float("inf"), float("nan")):
-        msg = f"Sequential: weight_decay must be finite and >= 0; got {float(bad)}"
+        msg = f"Sequential: weight_decay must be a finite number >= 0; got {bad!r}"
         with pytest.raises(ValueError, match=re.escape(msg)):
             Sequential([layers.Dense(1)], loss=losses.MeanSquaredError(), weight_decay=bad)
     msg = "Sequential: loss must be a jaxbp loss; got str"
@@ -104,11 +110,14 @@ def test_bad_constructor_arguments():
         Sequential([layers.Dense(1), max], loss=losses.MeanSquaredError())
 
 
-def test_init_with_image_shape_for_dense():
+def test_init_of_dense_needs_a_feature_axis():
+    """Dense maps (…, in) to (…, units) at every position, so an image shape is a valid input
+    shape; an input shape without a feature axis is not."""
     net = Sequential([layers.Dense(3)], loss=losses.MeanSquaredError())
-    msg = "layers[0] Dense: input_shape must be (features,) (batch axis excluded); got (8, 8, 1)"
+    assert net.output_shape((8, 8, 1)) == (8, 8, 3)
+    msg = "layers[0] Dense: input_shape must be (…, features) (batch axis excluded); got ()"
     with pytest.raises(ValueError, match=re.escape(msg)):
-        net.init(jax.random.key(0), (8, 8, 1))
+        net.init(jax.random.key(0), ())
 
 
 def test_params_of_another_network_are_rejected():
@@ -139,12 +148,12 @@ def test_params_of_another_network_are_rejected():
 def test_layer_params_of_the_wrong_shape(layer, params, msg):
     x = jnp.ones((1, 4, 4, 1)) if isinstance(layer, layers.Conv2D) else jnp.ones((1, 2))
     with pytest.raises(ValueError, match=re.escape(msg)):
-        layer.forward(params, x)
+        layer.check(params, {}, x, CTX)
 
 
 def test_init_with_empty_input_shapes():
     with pytest.raises(ValueError, match=re.escape(
-            "Dense: input_shape[0] (features) must be a positive int; got 0")):
+            "Dense: input_shape[0] must be a positive int; got 0")):
         layers.Dense(3).init(jax.random.key(0), (0,))
     with pytest.raises(ValueError, match=re.escape(
             "Conv2D: input_shape width must be a positive int; got 0")):
@@ -165,22 +174,23 @@ _DENSE = {"W": jnp.ones((2, 3)), "b": jnp.ones(3)}
 _CONV = {"W": jnp.ones((1, 1, 1, 1)), "b": jnp.ones(1)}
 
 BAD_INPUTS = [
-    (lambda: layers.ReLU().forward({"junk": jnp.ones(3)}, jnp.ones(3)),
+    (lambda: layers.ReLU().check({"junk": jnp.ones(3)}, {}, jnp.ones(3), CTX),
      "ReLU: params must be {} (the layer has no parameters); got ['junk']"),
-    (lambda: layers.Flatten().forward(None, jnp.ones((2, 3))),
+    (lambda: layers.Flatten().check(None, {}, jnp.ones((2, 3)), CTX),
      "Flatten: params must be {} (the layer has no parameters); got NoneType"),
-    (lambda: layers.MaxPool2D(2).forward({"W": 1}, jnp.ones((1, 2, 2, 1))),
+    (lambda: layers.MaxPool2D(2).check({"W": 1}, {}, jnp.ones((1, 2, 2, 1)), CTX),
      "MaxPool2D: params must be {} (the layer has no parameters); got ['W']"),
-    (lambda: layers.Sigmoid().forward({}, [1.0, 2.0]),
+    (lambda: layers.Sigmoid().check({}, {}, [1.0, 2.0], CTX),
      "Sigmoid: input x must be an array (jax.numpy or numpy); got list (convert it with "
      "jnp.asarray)"),
-    (lambda: layers.Dense(3).forward(_DENSE, [[1.0, 2.0]]),
+    (lambda: layers.Dense(3).check(_DENSE, {}, [[1.0, 2.0]], CTX),
      "Dense: input x must be an array (jax.numpy or numpy); got list"),
-    (lambda: layers.Dense(3).forward({"W": jnp.ones((2, 3)), "b": None}, jnp.ones((1, 2))),
+    (lambda: layers.Dense(3).check({"W": jnp.ones((2, 3)), "b": None}, {}, jnp.ones((1, 2)),
+                                   CTX),
      "Dense: params['b'] must be an array (jax.numpy or numpy); got NoneType"),
-    (lambda: layers.MaxPool2D(2, padding=1).forward({}, jnp.ones((1, 0, 4, 1))),
+    (lambda: layers.MaxPool2D(2, padding=1).check({}, {}, jnp.ones((1, 0, 4, 1)), CTX),
      "MaxPool2D: input height must be a positive int; got 0"),
-    (lambda: layers.Conv2D(1, 1, padding=1).forward(_CONV, jnp.ones((1, 3, 0, 1))),
+    (lambda: layers.Conv2D(1, 1, padding=1).check(_CONV, {}, jnp.ones((1, 3, 0, 1)), CTX),
      "Conv2D: input width must be a positive int; got 0"),
     (lambda: layers.Flatten().init(None, (3, -2)),
      "Flatten: input_shape[1] must be a positive int; got -2"),
@@ -189,7 +199,7 @@ BAD_INPUTS = [
     (lambda: layers.ELU(float("nan")), "ELU: alpha must be a finite number; got nan"),
     (lambda: layers.GELU("no"),
      "GELU: approximate must be True (the tanh form) or False (erf); got 'no'"),
-    (lambda: losses.Hinge(None), "Hinge: margin must be a finite number >= 0.0; got None"),
+    (lambda: losses.Hinge(None), "Hinge: margin must be a finite number >= 0; got None"),
     (lambda: losses.SoftmaxCrossEntropy().value(jnp.ones((2, 3)), [0, 1]),
      "SoftmaxCrossEntropy: target y must be an array (jax.numpy or numpy); got list"),
     (lambda: losses.MeanSquaredError().value(jnp.ones((2, 0)), jnp.ones((2, 0))),
@@ -243,14 +253,15 @@ def test_hyperparameters_are_stored_as_plain_numbers_and_shown():
 
 
 def test_flatten_keeps_an_empty_batch():
-    y, _ = layers.Flatten().forward({}, jnp.ones((0, 3, 3, 4)))
+    y, state, _ = call(layers.Flatten(), "layers[0]", {}, {}, jnp.ones((0, 3, 3, 4)), CTX)
+    assert state == {}
     assert y.shape == (0, 36)
 
 
 @pytest.mark.parametrize("dtype, value", [(jnp.int32, 1), (jnp.bool_, False)])
 def test_max_pooling_pads_integers_and_bools_with_their_least_value(dtype, value):
     x = jnp.full((1, 3, 3, 1), value, dtype)
-    y, _ = layers.MaxPool2D(2, padding=1).forward({}, x)
+    y, _, _ = call(layers.MaxPool2D(2, padding=1), "layers[0]", {}, {}, x, CTX)
     assert y.dtype == dtype and bool(jnp.all(y == value))
 
 

@@ -13,7 +13,20 @@ from jaxbp import Sequential, check_layer, cli, gradcheck, layers, losses, model
 from jaxbp import gradcheck_cli as gradcheck_cli
 from jaxbp.gradcheck import fd_coordinates, finite_differences
 from jaxbp.gradcheck_report import GradcheckError, GradReport
-from tests.mutations import DenseBiasNotSummed, _tanh3, _worked_example, replace_layer
+from tests.mutations import (
+    BatchNormEvalBackwardAlways,
+    BatchNormVarianceTermDropped,
+    DenseBiasNotSummed,
+    DropoutNotRescaled,
+    ResidualSkipGradientDropped,
+    _residual_mlp,
+    _tanh3,
+    _worked_example,
+    replace_at,
+    replace_layer,
+    running_state,
+    sequence_blocks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +256,8 @@ def test_non_differentiable_forward_fails_in_float64():
     """manual = autodiff, but the forward hides a dependence from autodiff (stop_gradient)."""
 
     class HiddenScale(layers.Identity):
-        def forward(self, params, x):
-            return x + jax.lax.stop_gradient(x), None  # y = 2x, autodiff sees y' = 1
+        def forward(self, params, state, x, ctx):
+            return x + jax.lax.stop_gradient(x), state, None  # y = 2x, autodiff sees y' = 1
 
     net = Sequential([layers.Dense(2), HiddenScale()], losses.HalfSquaredError())
     net, params, x, y = net, net.init(jax.random.key(0), (2,)), jnp.ones((3, 2)), jnp.zeros((3, 2))
@@ -289,6 +302,91 @@ def test_check_layer_names_the_wrong_leaf():
     report = check_layer(DenseBiasNotSummed(3), (4,), batch=3)
     assert [r.path for r in report.failures] == ["b"]
     assert report.first_divergence.startswith("DenseBiasNotSummed(")
+
+
+def _block():
+    return layers.Residual(layers.Sequential([layers.LayerNorm(), layers.Dense(3), layers.Tanh()]))
+
+
+KEY = jax.random.key(3)
+BN_STATE = {"mean": np.array([0.2, -0.1, 0.4]), "var": np.array([0.5, 1.5, 2.0])}
+
+
+@pytest.mark.parametrize(("layer", "shape", "mode"), [
+    (layers.Dense(3), (2, 4), {}),  # (batch, time, features)
+    (layers.LayerNorm(), (2, 4), {}),
+    (layers.RMSNorm(), (4,), {}),
+    (layers.BatchNorm(), (2, 3), {"train": True}),
+    (layers.BatchNorm(), (3,), {"state": BN_STATE}),  # eval: the running statistics
+    (layers.Dropout(0.5), (2, 4), {"train": True, "key": KEY}),
+    (layers.Dropout(0.5), (4,), {}),  # eval: the identity
+], ids=lambda v: repr(v) if isinstance(v, layers.Layer) else None)
+def test_check_layer_passes_norms_dropout_and_sequences(layer, shape, mode):
+    report = check_layer(layer, shape, batch=3, **mode)
+    assert report.ok, str(report)
+    assert [r.path for r in report.rows] == [*sorted(layer.init(KEY, shape)[0]), "dx"]
+
+
+def test_check_layer_passes_combinators_with_nested_row_names():
+    report = check_layer(layers.Sequential([layers.Dense(3), _block()]), (2, 4), batch=2)
+    assert report.ok, str(report)
+    assert [r.path for r in report.rows] == [
+        "[0].W", "[0].b", "[1][0].offset", "[1][0].scale", "[1][1].W", "[1][1].b", "dx"]
+
+
+@pytest.mark.parametrize(("layer", "mode"), [
+    (BatchNormVarianceTermDropped(), {"train": True}),
+    (BatchNormEvalBackwardAlways(), {"train": True}),
+    (DropoutNotRescaled(0.5), {"train": True, "key": KEY}),
+    (ResidualSkipGradientDropped(_block().body), {}),
+], ids=lambda v: type(v).__name__ if isinstance(v, layers.Layer) else None)
+def test_check_layer_flags_the_wrong_dx_of_norms_dropout_and_residuals(layer, mode):
+    report = check_layer(layer, (3,), batch=4, **mode)
+    assert [r.path for r in report.failures] == ["dx"], str(report)
+    assert report.first_divergence == repr(layer)
+
+
+# ----------------------------------------------------------------------- nested networks
+def test_nested_rows_and_every_nested_signal_from_the_output_down():
+    report = gradcheck(*_residual_mlp())
+    assert report.ok, str(report)
+    assert [r.path for r in report.params] == [
+        "layers[0].W", "layers[0].b", "layers[1].body.layers[0].W", "layers[1].body.layers[0].b",
+        "layers[1].body.layers[2].W", "layers[1].body.layers[2].b", "layers[3].W", "layers[3].b"]
+    assert [r.path for r in report.signals] == [
+        "loss.dy_hat", "layers[3].dx", "layers[2].dx", "layers[1].body.layers[2].dx",
+        "layers[1].body.layers[1].dx", "layers[1].body.layers[0].dx", "layers[1].body.dx",
+        "layers[1].dx", "layers[0].dx"]
+    # the block's body is its Sequential: the same signal at its input as its first layer's
+    body, first = report.row("layers[1].body.dx"), report.row("layers[1].body.layers[0].dx")
+    assert body.autodiff_norm == pytest.approx(first.autodiff_norm, rel=1e-14)
+    # x + body(x): the skip path adds dy, so the block's signal is not its body's
+    assert report.row("layers[1].dx").autodiff_norm != pytest.approx(body.autodiff_norm, rel=1e-3)
+
+
+def test_a_wrong_nested_layer_is_named_by_its_nested_path_in_every_format():
+    net, params, x, y = _residual_mlp()
+    report = gradcheck(replace_at(net, "layers[1].body.layers[0]", DenseBiasNotSummed(4)),
+                       params, x, y)
+    assert [r.path for r in report.failures] == ["layers[1].body.layers[0].b"]
+    assert report.first_divergence == "layers[1].body.layers[0] (DenseBiasNotSummed)"
+    assert "first divergence from the output: layers[1].body.layers[0] (DenseBiasNotSummed)" in (
+        str(report))
+    assert GradReport.from_dict(json.loads(report.to_json())) == report
+    assert re.search(r'<td>layers\[1\]\.body\.layers\[0\]\.b</td>', report._repr_html_())
+
+
+def test_gradcheck_of_state_and_dropout_needs_state_and_key():
+    net, params, x, y = sequence_blocks()
+    state = running_state(net, x.shape[1:])
+    with pytest.raises(ValueError, match=r"^Sequential: this network has state"):
+        gradcheck(net, params, x, y, key=KEY, train=True)
+    with pytest.raises(ValueError, match=r"^layers\[1\]\.layers\[1\]\.body\.layers\[3\] "
+                       r"Dropout: train=True needs a PRNG key"):
+        gradcheck(net, params, x, y, state=state, train=True)
+    with pytest.raises(ValueError, match=r"^layers\[1\]\.layers\[1\]\.body\.layers\[0\] "
+                       r"BatchNorm: train=True needs at least 2 values per channel"):
+        gradcheck(net, params, x[:1, :1], y[:1, :1], state=state, key=KEY, train=True)
 
 
 # -------------------------------------------------------------------------------- CLI

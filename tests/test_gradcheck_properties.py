@@ -1,8 +1,11 @@
 """Property: every correct random architecture passes ``gradcheck`` in float64.
 
 Random dense networks (depth 1–5, every activation, every loss, weight decay,
-batch 1–16) and random convolutional ones (1–4 Conv2D / MaxPool2D / AvgPool2D
-blocks of every geometry, then Flatten and Dense) must give ``report.ok``.
+batch 1–16), random convolutional ones (1–4 Conv2D / MaxPool2D / AvgPool2D
+blocks of every geometry, then Flatten and Dense) and random nested ones
+(Sequential and Residual blocks with LayerNorm, RMSNorm, BatchNorm and Dropout
+on (batch, features) and (batch, time, features) inputs, checked in train mode
+with state and key and in eval mode) must give ``report.ok``.
 
 Each example draws several networks and checks them from one compiled program:
 gradcheck's own computation (manual and autodiff gradients and backpropagated
@@ -24,6 +27,9 @@ from jaxbp import Sequential, gradcheck, layers, losses
 from jaxbp.gradcheck import TOLERANCES, _network_compute, fd_coordinates
 from tests.helpers import RUN_ONCE, random_params
 from tests.test_layers import ACTIVATIONS
+from tests.test_nested import RUN_ONCE as RUN_ONCE_LEVEL_1
+from tests.test_nested import draw_case as draw_nested_case
+from tests.test_nested import nested_cases
 
 LOSSES = [
     ("regression", losses.HalfSquaredError()),
@@ -132,9 +138,10 @@ def fd_points(params, seed):
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def compute_together(nets, cases, points):
-    """For each network, gradcheck's computation and the loss at its ±h points."""
+    """For each network, gradcheck's computation (eval mode) and the loss at its ±h points."""
     return [
-        (_network_compute(net, p, x, y), jax.vmap(net.loss, in_axes=(0, None, None))(pts, x, y))
+        (_network_compute(net, False, p, None, x, y, None),
+         jax.vmap(net.loss, in_axes=(0, None, None))(pts, x, y))
         for net, (p, x, y), pts in zip(nets, cases, points)
     ]
 
@@ -156,9 +163,13 @@ def _passes(computed, J_pm, index, steps) -> bool:
     atol = 100 * TOL.eps * max(float(np.max(np.abs(a), initial=0.0)) for a in auto)
     if not all(_agree(m, a, atol) for m, a in zip(manual, auto)):
         return False
-    present = [i for i, a in enumerate(a_sig) if a is not None]
-    sig_atol = 100 * TOL.eps * max(float(np.max(np.abs(a_sig[i]), initial=0.0)) for i in present)
-    if not all(_agree(m_sig[i], a_sig[i], sig_atol) for i in present):
+    # signals: {nested path or "loss": ∂J/∂(that input)}, for every nested layer
+    if set(m_sig) != set(a_sig):
+        return False
+    sig_atol = 100 * TOL.eps * max(float(np.max(np.abs(a), initial=0.0))
+                                   for a in jax.tree.leaves(a_sig))
+    if not all(_agree(m, a, sig_atol) for p in a_sig
+               for m, a in zip(jax.tree.leaves(m_sig[p]), jax.tree.leaves(a_sig[p]))):
         return False
     J_pm = np.asarray(J_pm)
     fd = (J_pm[0::2] - J_pm[1::2]) / steps
@@ -202,3 +213,39 @@ def test_random_dense_networks_pass(cases):
 @given(cases=st.lists(_with_batch_and_seed(conv_cases()), min_size=3, max_size=3))
 def test_random_conv_networks_pass(cases):
     check_together(cases)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=RUN_ONCE_LEVEL_1)
+def compute_modes_together(nets, modes, cases, points):
+    """``compute_together`` with each network's state, key and mode (train: a Python bool)."""
+    out = []
+    for net, train, (p, s, x, y, k), pts in zip(nets, modes, cases, points):
+        def loss(q, net=net, s=s, x=x, y=y, k=k, train=train):
+            return net.loss(q, x, y, state=s, key=k, train=train)
+
+        out.append((_network_compute(net, train, p, s, x, y, k), jax.vmap(loss)(pts)))
+    return out
+
+
+def check_modes_together(cases):
+    """Every nested ``(net, input_shape, batch, seed)`` passes gradcheck in train and eval mode."""
+    nets = tuple(net for net, *_ in cases for _ in (True, False))
+    modes = tuple(train for _ in cases for train in (True, False))
+    drawn = [draw_nested_case(*case) for case in cases for _ in (True, False)]
+    seeds = [seed for *_, seed in cases for _ in (True, False)]
+    fd = [fd_points(params, seed) for (params, *_), seed in zip(drawn, seeds)]
+    with jax.default_matmul_precision("highest"):
+        results = jax.device_get(compute_modes_together(nets, modes, drawn,
+                                                        [pts for _, pts, _ in fd]))
+    for net, train, (params, state, x, y, key), seed, (index, _, steps), (computed, J_pm) in zip(
+            nets, modes, drawn, seeds, fd, results):
+        if not _passes(computed, J_pm, index, steps):
+            report = gradcheck(net, params, x, y, state=state, key=key, train=train,
+                               fd_max_coords=FD_COORDS, seed=seed)
+            assert report.ok, str(report)
+
+
+@settings(max_examples=10)
+@given(cases=st.lists(nested_cases(), min_size=2, max_size=2))
+def test_random_nested_networks_pass_in_train_and_eval_mode(cases):
+    check_modes_together(cases)

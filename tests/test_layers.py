@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import layers
+from jaxbp.layers.base import call
 from tests.helpers import RUN_ONCE, max_tree_rel_error, rel_error
 
 ACTIVATIONS = [
@@ -25,22 +26,31 @@ ACTIVATIONS = [
     layers.Softmax(),
 ]
 ALL_LAYERS = [layers.Dense(5), layers.Dense(4, use_bias=False), *ACTIVATIONS]
+CTX = layers.Context()  # eval mode, no key: these layers are deterministic and stateless
+
+
+def forward(layer, params, x):
+    """``(y, residuals)`` through ``check`` then ``forward``, as a container runs a layer."""
+    y, state, residuals = call(layer, "layer", params, {}, x, CTX)
+    assert state == {}, state
+    return y, residuals
 
 
 def vjp_oracle(layer, params, x, dy):
     """(dparams, dx) from autodiff of the layer's forward."""
-    _, pullback = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)
+    _, pullback = jax.vjp(lambda p, a: forward(layer, p, a)[0], params, x)
     return pullback(dy)
 
 
 def manual(layer, params, x, dy):
-    _, residuals = layer.forward(params, x)
+    _, residuals = forward(layer, params, x)
     return layer.backward(params, residuals, dy)
 
 
 def random_case(layer, batch, features, seed, dtype):
     k_init, k_x, k_dy = jax.random.split(jax.random.key(seed), 3)
-    params, out_shape = layer.init(k_init, (features,), dtype)
+    params, state, out_shape = layer.init(k_init, (features,), dtype)
+    assert state == {}
     x = 2.0 * jax.random.normal(k_x, (batch, features), dtype)
     dy = jax.random.normal(k_dy, (batch, *out_shape), dtype)
     return params, x, dy
@@ -94,21 +104,21 @@ def test_softmax_backward_is_full_jacobian_product():
 def test_gelu_variants_match_jax_nn():
     x = jnp.linspace(-4, 4, 17)[None, :]
     for approximate in (True, False):
-        y, _ = layers.GELU(approximate).forward({}, x)
+        y, _ = forward(layers.GELU(approximate), {}, x)
         assert rel_error(y, jax.nn.gelu(x, approximate=approximate)) <= 1e-14
 
 
 def test_softplus_is_stable():
     x = jnp.array([[-1e4, 0.0, 1e4]])
-    y, _ = layers.Softplus().forward({}, x)
+    y, _ = forward(layers.Softplus(), {}, x)
     np.testing.assert_allclose(y, [[0.0, np.log(2.0), 1e4]])
 
 
 @pytest.mark.parametrize("scheme", ["lecun_normal", "glorot_normal", "he_normal"])
 def test_dense_init_schemes_have_expected_variance(scheme):
     fan_in, fan_out = 400, 300
-    params, shape = layers.Dense(fan_out, init=scheme).init(jax.random.key(0), (fan_in,))
-    assert shape == (fan_out,)
+    params, state, shape = layers.Dense(fan_out, init=scheme).init(jax.random.key(0), (fan_in,))
+    assert state == {} and shape == (fan_out,)
     assert params["W"].shape == (fan_in, fan_out) and params["b"].shape == (fan_out,)
     assert not params["b"].any()
     want = {"lecun_normal": 1 / fan_in, "glorot_normal": 2 / (fan_in + fan_out),
@@ -117,7 +127,7 @@ def test_dense_init_schemes_have_expected_variance(scheme):
 
 
 def test_dense_without_bias_has_only_W():
-    params, _ = layers.Dense(3, use_bias=False).init(jax.random.key(0), (2,))
+    params, _, _ = layers.Dense(3, use_bias=False).init(jax.random.key(0), (2,))
     assert set(params) == {"W"}
     x = jnp.ones((4, 2))
     dparams, _ = manual(layers.Dense(3, use_bias=False), params, x, jnp.ones((4, 3)))
@@ -151,6 +161,6 @@ def test_backward_matches_vjp_random_shapes(layer_index, batch, features, seed):
                             jax.random.key(0))
     params = jax.tree.map(lambda s: rng.normal(size=s.shape) / np.sqrt(s.shape[0]), shapes)
     x = 2.0 * rng.normal(size=(batch, features))
-    y = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x)
+    y = jax.eval_shape(lambda p, a: forward(layer, p, a)[0], params, x)
     got, want = manual_and_vjp(layer, params, x, rng.normal(size=y.shape))
     assert max_tree_rel_error(got, want) <= 1e-10

@@ -1,4 +1,10 @@
-"""gradcheck flags every wrong backward of the catalogue and names where it is wrong."""
+"""gradcheck flags every wrong backward of the catalogue and names where it is wrong.
+
+Each mutation is checked in its mode (train mode with BatchNorm's state and Dropout's
+key, or eval mode): the unmutated case passes, the mutant has the same loss (its
+forward is untouched), and the report names the first divergent nested layer and
+exactly the failing rows.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,19 +15,42 @@ from jax.test_util import check_grads
 from jaxbp import Sequential, gradcheck, layers, losses, with_manual_grad
 from tests.mutations import EVERY, MUTATIONS
 
+_CLEAN = {}  # (case, mode) -> the unmutated case's report: several mutations share a case
+
+
+def _clean_report(mutation, net, params, x, y, mode):
+    key = (mutation.case, mutation.mode)
+    if key not in _CLEAN:
+        _CLEAN[key] = gradcheck(net, params, x, y, **mode)
+    return _CLEAN[key]
+
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.name)
 def test_gradcheck_flags_mutation_and_names_where(mutation):
     net, params, x, y = mutation.case()
-    assert gradcheck(net, params, x, y).ok, "the unmutated case must pass"
+    mode = mutation.gradcheck_mode(net, x)
+    clean = _clean_report(mutation, net, params, x, y, mode)
+    assert clean.ok, f"the unmutated case must pass:\n{clean}"
 
-    report = gradcheck(mutation.mutate(net), params, x, y)
+    mutant = mutation.mutate(net)
+    assert mutant != net  # (an equal model would reuse the unmutated compiled program)
+    report = gradcheck(mutant, params, x, y, **mode)
+    assert report.loss == pytest.approx(clean.loss, rel=1e-13)  # the forward is untouched
+    assert [r.path for r in report.rows] == [r.path for r in clean.rows]
     assert not report.ok
     assert report.first_divergence == mutation.blame, str(report)
     failing = {r.path for r in report.failures}
     expected = {r.path for r in report.rows} if mutation.failing == EVERY else mutation.failing
     assert failing == expected, str(report)
     assert f"first divergence from the output: {mutation.blame}" in str(report)
+
+
+def test_catalogue_reaches_nested_layers_in_both_modes():
+    assert len({m.name for m in MUTATIONS}) == len(MUTATIONS)
+    assert {m.mode for m in MUTATIONS} == {None, "train", "eval"}
+    nested = [m.blame for m in MUTATIONS if ".body." in m.blame or "].layers[" in m.blame]
+    assert len(nested) >= 7
+    assert any(b.startswith("layers[1].layers[1].body.layers[") for b in nested)
 
 
 class DenseZeroWeightGradient(layers.Dense):

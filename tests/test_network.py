@@ -115,7 +115,7 @@ def test_jitted_methods_do_not_recompile():
     twin = make_net(layers.ReLU(), losses.SoftmaxCrossEntropy(), 0.0, depth=2)
     assert twin == net and hash(twin) == hash(net)
     for method in ("loss", "manual_backward", "manual_value_and_grad", "forward"):
-        fn = getattr(Sequential, method)
+        fn = getattr(type(net), method)
         fn = getattr(fn, "jitted", fn)
         args = (p, x) if method == "forward" else (p, x, y)
         getattr(net, method)(*args)
@@ -265,6 +265,6 @@ def test_weight_penalty_is_s_of_j_equals_l_plus_s():
     no_decay = Sequential(net.layers, loss=net.loss_fn)
     assert abs(float(net.loss(params, x, y) - no_decay.loss(params, x, y) - s)) < 1e-14
     assert no_decay.weight_penalty(params) == 0.0
-    with pytest.raises(ValueError, match="Sequential: params must be a list with one dict per "
+    with pytest.raises(ValueError, match="Sequential: params must be a list with one entry per "
                        r"layer \(3\); got 2"):
         net.weight_penalty(params[:2])

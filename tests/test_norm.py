@@ -11,9 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import Sequential, gradcheck, layers, losses
+from jaxbp.layers.base import call
 from tests.helpers import RUN_ONCE, max_tree_rel_error, random_params
 
 NORMS = [layers.LayerNorm(), layers.LayerNorm(eps=0.5), layers.RMSNorm(), layers.RMSNorm(eps=0.5)]
+CTX = layers.Context()  # eval mode: LayerNorm and RMSNorm are stateless, the same in both
+
+
+def forward(layer, params, x):
+    """``(y, residuals)`` through ``check`` then ``forward``, as a container runs a layer."""
+    y, state, residuals = call(layer, "layer", params, {}, x, CTX)
+    assert state == {}, state
+    return y, residuals
 
 
 def random_case(layer, shape, seed, dtype=np.float64):
@@ -29,9 +38,9 @@ def random_case(layer, shape, seed, dtype=np.float64):
 @functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def _both(layer, params, x, dy):
     """(manual, autodiff) cotangents of one layer, compiled as one program."""
-    y, residuals = layer.forward(params, x)
+    y, residuals = forward(layer, params, x)
     manual = layer.backward(params, residuals, dy)
-    _, pullback = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)
+    _, pullback = jax.vjp(lambda p, a: forward(layer, p, a)[0], params, x)
     return manual, pullback(dy)
 
 
@@ -72,8 +81,8 @@ def test_values_match_numpy_formula():
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     want_ln = (x - mu) / np.sqrt(var + 1e-3) * p_ln["scale"] + p_ln["offset"]
     want_rms = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-3) * p_rms["scale"]
-    np.testing.assert_allclose(ln.forward(p_ln, x)[0], want_ln, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(rms.forward(p_rms, x)[0], want_rms, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(forward(ln, p_ln, x)[0], want_ln, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(forward(rms, p_rms, x)[0], want_rms, rtol=1e-13, atol=1e-13)
 
 
 def test_layernorm_matches_torch():
@@ -87,7 +96,7 @@ def test_layernorm_matches_torch():
     xt = torch.from_numpy(x).requires_grad_()
     out = ref(xt)
     out.backward(torch.from_numpy(dy))
-    y, residuals = layer.forward(params, x)
+    y, residuals = forward(layer, params, x)
     dparams, dx = layer.backward(params, residuals, dy)
     np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
@@ -135,15 +144,15 @@ def test_gradcheck_passes_and_names_rows():
         (lambda: layers.RMSNorm(eps=float("nan")), "RMSNorm: eps must be a finite number"),
         (lambda: layers.LayerNorm().init(None, ()),
          r"LayerNorm: input_shape must be \(…, features\) with positive sizes"),
-        (lambda: layers.LayerNorm().forward({"scale": jnp.ones(3), "offset": jnp.zeros(3)},
-                                            jnp.ones((2, 4))),
+        (lambda: layers.LayerNorm().check({"scale": jnp.ones(3), "offset": jnp.zeros(3)}, {},
+                                          jnp.ones((2, 4)), CTX),
          r"LayerNorm: input x must have shape \(batch, …, 3\) to match scale of shape \(3,\); "
          r"got x shape \(2, 4\)"),
-        (lambda: layers.RMSNorm().forward({"scale": jnp.ones(3)}, jnp.ones(3)),
+        (lambda: layers.RMSNorm().check({"scale": jnp.ones(3)}, {}, jnp.ones(3), CTX),
          r"RMSNorm: input x must have shape \(batch, …, 3\)"),
-        (lambda: layers.RMSNorm().forward({"scale": jnp.ones((3, 1))}, jnp.ones((2, 3))),
+        (lambda: layers.RMSNorm().check({"scale": jnp.ones((3, 1))}, {}, jnp.ones((2, 3)), CTX),
          r"RMSNorm: params\['scale'\] must have shape \(features,\)"),
-        (lambda: layers.LayerNorm().forward({"scale": jnp.ones(3)}, jnp.ones((2, 3))),
+        (lambda: layers.LayerNorm().check({"scale": jnp.ones(3)}, {}, jnp.ones((2, 3)), CTX),
          r"LayerNorm: params must have the keys \['offset', 'scale'\]; got \['scale'\]"),
     ],
 )

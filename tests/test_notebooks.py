@@ -23,6 +23,7 @@ EXPECTED = [
     "04_convolution_and_pooling",
     "05_gradient_checking",
     "06_training",
+    "07_state_and_randomness",
 ]
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from jaxbp import layers
 from tests.helpers import RUN_ONCE, rel_error
-from tests.test_conv import KEY, assert_backward_matches_vjp, manual_and_vjp, random_case
+from tests.test_conv import (
+    CTX,
+    KEY,
+    assert_backward_matches_vjp,
+    forward,
+    manual_and_vjp,
+    random_case,
+)
 
 MAP = np.array([[1, 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]], float)
 POOLS = [layers.MaxPool2D, layers.AvgPool2D]
@@ -38,23 +45,23 @@ def naive_pool(kind, x, window, stride, pads):
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def manual_dx(layer, x, dy):
-    _, residuals = layer.forward({}, x)
+    _, residuals = forward(layer, {}, x)
     return layer.backward({}, residuals, dy)[1]
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def vjp_dx(layer, x, dy):
-    return jax.vjp(lambda a: layer.forward({}, a)[0], x)[1](dy)[0]
+    return jax.vjp(lambda a: forward(layer, {}, a)[0], x)[1](dy)[0]
 
 
 # ----------------------------------------------------------- tutorial numbers
 def test_tutorial_2x2_pooling_of_a_4x4_map():
     x = jnp.asarray(MAP)[None, :, :, None]
-    y_max, _ = layers.MaxPool2D(2).forward({}, x)
-    y_avg, _ = layers.AvgPool2D(2).forward({}, x)
+    y_max, _ = forward(layers.MaxPool2D(2), {}, x)
+    y_avg, _ = forward(layers.AvgPool2D(2), {}, x)
     np.testing.assert_array_equal(y_max[0, :, :, 0], [[6, 8], [3, 4]])
     np.testing.assert_array_equal(y_avg[0, :, :, 0], [[3.25, 5.25], [2, 2]])
-    assert layers.MaxPool2D(2).init(KEY, (4, 4, 5)) == ({}, (2, 2, 5))  # depth unchanged
+    assert layers.MaxPool2D(2).init(KEY, (4, 4, 5)) == ({}, {}, (2, 2, 5))  # depth unchanged
 
 
 def test_max_pool_gradient_goes_to_the_arg_max():
@@ -75,7 +82,7 @@ def test_forward_matches_naive_loops(kind, window, stride, padding):
     layer = kind(window, stride, padding)
     x = np.random.default_rng(0).normal(size=(2, 7, 6, 3))
     pads, _ = layer._geometry((7, 6))
-    y, _ = layer.forward({}, x)
+    y, _ = forward(layer, {}, x)
     np.testing.assert_allclose(y, naive_pool(kind, x, layer.window, layer.stride, pads),
                                rtol=1e-12)
 
@@ -83,7 +90,7 @@ def test_forward_matches_naive_loops(kind, window, stride, padding):
 def test_avg_pool_padding_counts_in_the_divisor():
     """Padded zeros count: a corner window of ones with padding 1 averages to 1/4."""
     layer = layers.AvgPool2D(2, stride=1, padding=1)
-    y, _ = layer.forward({}, jnp.ones((1, 2, 2, 1)))
+    y, _ = forward(layer, {}, jnp.ones((1, 2, 2, 1)))
     np.testing.assert_array_equal(y[0, :, :, 0], [[0.25, 0.5, 0.25], [0.5, 1, 0.5],
                                                   [0.25, 0.5, 0.25]])
     dx = manual_dx(layer, jnp.ones((1, 2, 2, 1)), jnp.ones((1, 3, 3, 1)))
@@ -100,7 +107,7 @@ def test_ties_route_like_jax_grad(window, stride, padding):
     layer = layers.MaxPool2D(window, stride, padding)
     rng = np.random.default_rng(1)
     for x in (np.zeros((2, 6, 5, 2)), rng.integers(0, 3, size=(2, 6, 5, 2)).astype(float)):
-        y, _ = layer.forward({}, x)
+        y, _ = forward(layer, {}, x)
         dy = rng.normal(size=y.shape)
         # overlapping windows sum in another order: rounding only, a misrouted dy is O(1)
         assert rel_error(manual_dx(layer, x, dy), vjp_dx(layer, x, dy)) <= 1e-14
@@ -170,8 +177,8 @@ def test_property_backward_matches_vjp(kind, kh, kw, sh, sw, data):
 # -------------------------------------------------------------------- Flatten
 def test_flatten_order_shape_and_backward():
     x = np.arange(2 * 3 * 2 * 4, dtype=float).reshape(2, 3, 2, 4)
-    y, res = layers.Flatten().forward({}, x)
-    assert y.shape == (2, 24) and layers.Flatten().init(KEY, (3, 2, 4)) == ({}, (24,))
+    y, res = forward(layers.Flatten(), {}, x)
+    assert y.shape == (2, 24) and layers.Flatten().init(KEY, (3, 2, 4)) == ({}, {}, (24,))
     assert y[1, (2 * 2 + 1) * 4 + 3] == x[1, 2, 1, 3]  # index (h·W + w)·C + c
     dy = np.random.default_rng(0).normal(size=y.shape)
     np.testing.assert_array_equal(layers.Flatten().backward({}, res, dy)[1], dy.reshape(x.shape))
@@ -202,7 +209,7 @@ def test_bad_inputs(kind):
     msg = (f"{name}: input x must have rank 4 (batch, height, width, channels) NHWC; "
            f"got shape (4, 4) (rank 2)")
     with pytest.raises(ValueError, match=re.escape(msg)):
-        kind(2).forward({}, jnp.ones((4, 4)))
+        kind(2).check({}, {}, jnp.ones((4, 4)), CTX)
     msg = (f"{name}: output height ⌊(W − F + P_lo + P_hi)/S⌋ + 1 = ⌊(2 − 3 + 0 + 0)/3⌋ + 1 = 0 "
            f"is smaller than 1 (input height W=2, kernel F=3, stride S=3, padding (0, 0))")
     with pytest.raises(ValueError, match=re.escape(msg)):
@@ -215,4 +222,4 @@ def test_bad_inputs(kind):
 def test_flatten_bad_input():
     msg = "Flatten: input x must have rank >= 2 (batch, ...); got shape (5,) (rank 1)"
     with pytest.raises(ValueError, match=re.escape(msg)):
-        layers.Flatten().forward({}, jnp.ones((5,)))
+        layers.Flatten().check({}, {}, jnp.ones((5,)), CTX)

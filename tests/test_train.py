@@ -296,7 +296,7 @@ def test_cli_checks_gradients_trains_and_plots(tmp_path, capsys):
                    "--lr", "0.01", "--plot", str(png)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "gradcheck (float64, one batch of 16): OK" in out
+    assert "gradcheck (float64, one batch of 16, train mode): OK" in out
     assert "test accuracy" in out and "steps/s" in out and "device 1 × cpu" in out
     assert f"saved curves to {png}.png\n" in out
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -315,7 +315,7 @@ def test_cli_trains_the_cnn_on_digit_images(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "(8, 8, 1), 10 classes; cnn with 358 parameters" in out
-    assert "gradcheck (float64, one batch of 64): OK" in out
+    assert "gradcheck (float64, one batch of 64, train mode): OK" in out
 
 
 def _iris_state(opt):

@@ -116,10 +116,10 @@ def test_help_states_the_defaults(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--help"])
     assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for expected in ("(default digits)", "(default mlp)", "(default adam)",
-                     "default per model: mlp 0.001, cnn 0.001",
-                     "default per model: mlp 30, cnn 25"):
+    text = " ".join(capsys.readouterr().out.split()).replace("mlp- bn", "mlp-bn")  # (wrapped)
+    for expected in ("(default digits)", "(default mlp; mlp-bn adds BatchNorm and Dropout 0.1",
+                     "(default adam)", "default per model: mlp 0.001, mlp-bn 0.001, cnn 0.001",
+                     "default per model: mlp 30, mlp-bn 30, cnn 25"):
         assert expected in text
 
 

@@ -1,15 +1,21 @@
 """Layers: each is ``init`` / ``forward`` / ``backward`` (see ``jaxbp.layers.base``)."""
 
 from .activations import ELU, GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
-from .base import Layer
+from .base import Context, Layer
+from .batchnorm import BatchNorm
+from .combinators import Residual, Sequential
 from .conv import Conv2D
 from .dense import Dense
+from .dropout import Dropout
 from .flatten import Flatten
 from .norm import LayerNorm, RMSNorm
 from .pool import AvgPool2D, MaxPool2D
 
 __all__ = [
     "Layer",
+    "Context",
+    "Sequential",
+    "Residual",
     "Dense",
     "Conv2D",
     "MaxPool2D",
@@ -17,6 +23,8 @@ __all__ = [
     "Flatten",
     "LayerNorm",
     "RMSNorm",
+    "BatchNorm",
+    "Dropout",
     "Identity",
     "Sigmoid",
     "Tanh",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import erf
 
-from .base import Layer, check_parameterless, check_real
+from .base import Layer, check_real
 
 
 class OutputResiduals(NamedTuple):
@@ -31,13 +31,21 @@ class NoResiduals(NamedTuple):
     pass
 
 
+class Elementwise(Layer):
+    """``y = f(x)`` entry by entry: no params, no state, ``y`` and ``dx`` of ``x``'s shape.
+
+    Subclasses write ``forward`` (storing whichever of x or y gives the cheapest
+    exact derivative) and ``backward`` as ``dx = dy ⊙ f'``; shapes, ``init`` and
+    ``check`` come from here (stax's ``elementwise``).
+    """
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
-class Identity(Layer):
+class Identity(Elementwise):
     """``y = x``; ``dx = dy``."""
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
-        return x, NoResiduals()
+    def forward(self, params, state, x, ctx):
+        return x, state, NoResiduals()
 
     def backward(self, params, residuals, dy):
         """dx = dy (shape of x)."""
@@ -45,13 +53,12 @@ class Identity(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Sigmoid(Layer):
+class Sigmoid(Elementwise):
     """``y = σ(x) = 1 / (1 + e^{-x})``."""
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         y = jax.nn.sigmoid(x)
-        return y, OutputResiduals(y=y)
+        return y, state, OutputResiduals(y=y)
 
     def backward(self, params, residuals, dy):
         """dx = dy ⊙ σ'(x) = dy ⊙ y ⊙ (1 − y); all arrays have the shape of x."""
@@ -60,13 +67,12 @@ class Sigmoid(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Tanh(Layer):
+class Tanh(Elementwise):
     """``y = tanh(x)``."""
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         y = jnp.tanh(x)
-        return y, OutputResiduals(y=y)
+        return y, state, OutputResiduals(y=y)
 
     def backward(self, params, residuals, dy):
         """dx = dy ⊙ (1 − y²); all arrays have the shape of x."""
@@ -75,13 +81,12 @@ class Tanh(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class ReLU(Layer):
+class ReLU(Elementwise):
     """``y = max(x, 0)`` (``jax.nn.relu``, whose derivative at 0 is taken as 0)."""
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         y = jax.nn.relu(x)
-        return y, OutputResiduals(y=y)
+        return y, state, OutputResiduals(y=y)
 
     def backward(self, params, residuals, dy):
         """dx = dy ⊙ 1[x > 0] = dy ⊙ 1[y > 0]; all arrays have the shape of x.
@@ -93,7 +98,7 @@ class ReLU(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class LeakyReLU(Layer):
+class LeakyReLU(Elementwise):
     """``y = x`` for x ≥ 0, ``y = s·x`` otherwise (s = negative_slope)."""
 
     negative_slope: float = 0.01
@@ -102,10 +107,9 @@ class LeakyReLU(Layer):
         slope = check_real("LeakyReLU", "negative_slope", self.negative_slope)
         object.__setattr__(self, "negative_slope", slope)
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         y = jnp.where(x >= 0, x, self.negative_slope * x)
-        return y, InputResiduals(x=x)
+        return y, state, InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy for x ≥ 0 and s·dy otherwise; all arrays have the shape of x."""
@@ -113,7 +117,7 @@ class LeakyReLU(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class ELU(Layer):
+class ELU(Elementwise):
     """``y = x`` for x > 0, ``y = α(eˣ − 1)`` otherwise."""
 
     alpha: float = 1.0
@@ -121,11 +125,10 @@ class ELU(Layer):
     def __post_init__(self):
         object.__setattr__(self, "alpha", check_real("ELU", "alpha", self.alpha))
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         negative = self.alpha * jnp.expm1(jnp.where(x > 0, 0, x))  # no overflow for x > 0
         y = jnp.where(x > 0, x, negative)
-        return y, InputResiduals(x=x)
+        return y, state, InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy for x > 0 and dy ⊙ α eˣ otherwise; all arrays have the shape of x."""
@@ -139,7 +142,7 @@ _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class GELU(Layer):
+class GELU(Elementwise):
     """Gaussian error linear unit ``y = x Φ(x)``.
 
     ``approximate=True`` (default, as ``jax.nn.gelu``) uses
@@ -155,14 +158,13 @@ class GELU(Layer):
                              f"got {self.approximate!r}")
         object.__setattr__(self, "approximate", bool(self.approximate))
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         if self.approximate:
             u = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
             y = 0.5 * x * (1 + jnp.tanh(u))
         else:
             y = 0.5 * x * (1 + erf(x * _INV_SQRT_2))
-        return y, InputResiduals(x=x)
+        return y, state, InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy ⊙ y'(x); all arrays have the shape of x.
@@ -183,12 +185,11 @@ class GELU(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Softplus(Layer):
+class Softplus(Elementwise):
     """``y = log(1 + eˣ)``, computed stably as ``logaddexp(x, 0)``."""
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
-        return jnp.logaddexp(x, 0.0), InputResiduals(x=x)
+    def forward(self, params, state, x, ctx):
+        return jnp.logaddexp(x, 0.0), state, InputResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy ⊙ σ(x); all arrays have the shape of x."""
@@ -203,10 +204,9 @@ class Softmax(Layer):
     product never forms the (K, K) matrix.
     """
 
-    def forward(self, params, x):
-        check_parameterless(self.name, params, x)
+    def forward(self, params, state, x, ctx):
         y = jax.nn.softmax(x, axis=-1)
-        return y, OutputResiduals(y=y)
+        return y, state, OutputResiduals(y=y)
 
     def backward(self, params, residuals, dy):
         """dx_i = Σ_j dy_j y_j(δ_ji − y_i) = y_i (dy_i − Σ_j dy_j y_j).

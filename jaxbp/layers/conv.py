@@ -60,7 +60,8 @@ def as_padding(layer: str, value):
 
 
 def resolve_pads(padding, size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """``(P_lo, P_hi)`` for one dimension; ``padding`` is "SAME", "VALID" or a pair."""
+    """``(P_lo, P_hi)`` for one dimension; ``padding`` is "SAME", "VALID" or that dimension's
+    ``(P_lo, P_hi)`` from ``as_padding`` (where a pair of ints means ``(P_h, P_w)``)."""
     if padding == "VALID":
         return (0, 0)
     if padding == "SAME":
@@ -167,7 +168,7 @@ class Conv2D(Layer):
     Example (tutorial 004: 5×5×3 input, padding 1, two 3×3×3 filters, stride 2):
       >>> import jax, jax.numpy as jnp
       >>> layer = Conv2D(2, 3, stride=2, padding=1)
-      >>> params, out_shape = layer.init(jax.random.key(0), (5, 5, 3))
+      >>> params, state, out_shape = layer.init(jax.random.key(0), (5, 5, 3))
       >>> out_shape, sum(p.size for p in params.values())
       ((3, 3, 2), 56)
     """
@@ -202,10 +203,11 @@ class Conv2D(Layer):
         params = {"W": W}
         if self.use_bias:
             params["b"] = jnp.zeros((self.filters,), dtype)
-        return params, (h_out, w_out, self.filters)
+        return params, {}, (h_out, w_out, self.filters)
 
-    def forward(self, params, x):
+    def check(self, params, state, x, ctx):
         check_params("Conv2D", params, self._expected())
+        check_params("Conv2D", state, {}, "state")
         W = params["W"]
         check_rank("Conv2D", "input x", x, 4, "(batch, height, width, channels) NHWC")
         c_in = W.shape[2]
@@ -219,13 +221,17 @@ class Conv2D(Layer):
                 f"(W shape {tuple(W.shape)}); got x shape {tuple(x.shape)}, expected "
                 f"(batch, height, width, {c_in}){hint}"
             )
+        self._geometry(x.shape[1:3])
+
+    def forward(self, params, state, x, ctx):
+        W = params["W"]
         pads, _ = self._geometry(x.shape[1:3])
         dtype = jnp.result_type(x, W)  # mixed dtypes promote, as in Dense's x @ W
         y = lax.conv_general_dilated(x.astype(dtype), W.astype(dtype), self.stride, pads,
                                      dimension_numbers=NHWC)
         if self.use_bias:
             y = y + params["b"][None, None, None, :]
-        return y, ConvResiduals(x=x)
+        return y, state, ConvResiduals(x=x)
 
     def _expected(self):
         """The params' keys and shapes (``check_params``); any number of input channels."""

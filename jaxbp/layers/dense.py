@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .base import Layer, check_int, check_params, check_rank, default_float_dtype
+from .base import Layer, check_array, check_int, check_params, default_float_dtype, per_feature
 
 INITIALIZERS = {
     "lecun_normal": jax.nn.initializers.lecun_normal,
@@ -25,7 +25,7 @@ def check_init(layer: str, init) -> str:
 
 
 class DenseResiduals(NamedTuple):
-    x: jax.Array  # the layer's input, (batch, in)
+    x: jax.Array  # the layer's input, (batch, …, in)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -44,11 +44,14 @@ class Dense(Layer):
 
     Example:
       >>> import jax, jax.numpy as jnp
+      >>> from jaxbp.layers import Context
       >>> layer = Dense(3)
-      >>> params, out_shape = layer.init(jax.random.key(0), (2,))
-      >>> y, res = layer.forward(params, jnp.ones((4, 2)))
+      >>> params, state, out_shape = layer.init(jax.random.key(0), (2,))
+      >>> y, state, res = layer.forward(params, state, jnp.ones((4, 2)), Context())
       >>> y.shape, out_shape
       ((4, 3), (3,))
+      >>> layer.init(jax.random.key(0), (5, 2))[2]  # (time, features): any leading axes
+      (5, 3)
     """
 
     units: int
@@ -65,33 +68,36 @@ class Dense(Layer):
 
     def init(self, key, input_shape, dtype=None):
         input_shape = tuple(input_shape)
-        if len(input_shape) != 1:
+        if len(input_shape) < 1:
             raise ValueError(
-                f"Dense: input_shape must be (features,) (batch axis excluded); got "
-                f"{input_shape}. Put a Flatten() before Dense for image inputs."
+                f"Dense: input_shape must be (…, features) (batch axis excluded); got "
+                f"{input_shape}"
             )
-        check_int("Dense", "input_shape[0] (features)", input_shape[0])
+        for axis, size in enumerate(input_shape):
+            check_int("Dense", f"input_shape[{axis}]", size)
         dtype = dtype or default_float_dtype()
-        W = INITIALIZERS[self.init_scheme]()(key, (input_shape[0], self.units), dtype)
+        W = INITIALIZERS[self.init_scheme]()(key, (input_shape[-1], self.units), dtype)
         params = {"W": W}
         if self.use_bias:
             params["b"] = jnp.zeros((self.units,), dtype)
-        return params, (self.units,)
+        return params, {}, (*input_shape[:-1], self.units)
 
-    def forward(self, params, x):
+    def check(self, params, state, x, ctx):
         check_params("Dense", params, self._expected())
+        check_params("Dense", state, {}, "state")
         W = params["W"]
-        check_rank("Dense", "input x", x, 2, "(batch, features)")
-        if x.shape[1] != W.shape[0]:
+        check_array("Dense", "input x", x)
+        if x.ndim < 2 or x.shape[-1] != W.shape[0]:
             raise ValueError(
-                f"Dense: input x has {x.shape[1]} features but W expects {W.shape[0]} "
-                f"(W shape {tuple(W.shape)}); got x shape {tuple(x.shape)}, expected "
-                f"(batch, {W.shape[0]})"
+                f"Dense: input x must have shape (batch, …, {W.shape[0]}) to match W of shape "
+                f"{tuple(W.shape)}; got x shape {tuple(x.shape)}"
             )
-        y = x @ W
+
+    def forward(self, params, state, x, ctx):
+        y = x @ params["W"]
         if self.use_bias:
-            y = y + params["b"][None, :]
-        return y, DenseResiduals(x=x)
+            y = y + per_feature(params["b"], y.ndim)
+        return y, state, DenseResiduals(x=x)
 
     def _expected(self):
         """The params' keys and shapes (``check_params``); any number of inputs."""
@@ -108,10 +114,14 @@ class Dense(Layer):
           dW = xᵀ dy          (in, out)    ∂L/∂W_ij = Σ_n x_ni dy_nj
           db = Σ_batch dy     (out,)
           dx = dy Wᵀ          (batch, in)  ∂L/∂x_ni = Σ_j dy_nj W_ij
+
+        Inputs (batch, …, in) of any rank apply the same W at every position, so
+        the sums over n run over every leading axis: dW = Σ_{n,…} x[n,…]ᵀ dy[n,…].
         """
         x = residuals.x
-        dparams = {"W": x.T @ dy}
+        lead = tuple(range(x.ndim - 1))  # the batch axis and any others before the features
+        dparams = {"W": jnp.tensordot(x, dy, axes=(lead, lead))}
         if self.use_bias:
-            dparams["b"] = jnp.sum(dy, axis=0)
+            dparams["b"] = jnp.sum(dy, axis=lead)
         dx = dy @ params["W"].T
         return dparams, dx

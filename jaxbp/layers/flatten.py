@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import jax
 
-from .base import Layer, check_int, check_parameterless
+from .base import Layer, check_int
 
 
 class FlattenResiduals(NamedTuple):
@@ -23,9 +23,10 @@ class Flatten(Layer):
 
     Example:
       >>> import jax, jax.numpy as jnp
+      >>> from jaxbp.layers import Context
       >>> Flatten().init(jax.random.key(0), (7, 7, 16))
-      ({}, (784,))
-      >>> Flatten().forward({}, jnp.zeros((2, 3, 3, 4)))[0].shape
+      ({}, {}, (784,))
+      >>> Flatten().forward({}, {}, jnp.zeros((2, 3, 3, 4)), Context())[0].shape
       (2, 36)
     """
 
@@ -38,16 +39,19 @@ class Flatten(Layer):
             )
         for axis, size in enumerate(input_shape):
             check_int("Flatten", f"input_shape[{axis}]", size)
-        return {}, (math.prod(input_shape),)
+        return {}, {}, (math.prod(input_shape),)
 
-    def forward(self, params, x):
-        check_parameterless("Flatten", params, x)
+    def check(self, params, state, x, ctx):
+        super().check(params, state, x, ctx)
         if x.ndim < 2:
             raise ValueError(
                 f"Flatten: input x must have rank >= 2 (batch, ...); got shape "
                 f"{tuple(x.shape)} (rank {x.ndim})"
             )
-        return x.reshape(x.shape[0], math.prod(x.shape[1:])), FlattenResiduals(x=x)  # batch 0 too
+
+    def forward(self, params, state, x, ctx):
+        y = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also for an empty batch
+        return y, state, FlattenResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """dx = dy reshaped back to x's shape: (batch, d1·…·dk) → (batch, d1, …, dk)."""

@@ -16,7 +16,15 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .base import Layer, check_array, check_params, check_real, default_float_dtype, is_int
+from .base import (
+    Layer,
+    check_array,
+    check_params,
+    check_real,
+    default_float_dtype,
+    is_int,
+    per_feature,
+)
 
 
 def _check_shape(layer: str, input_shape) -> tuple[int, ...]:
@@ -26,11 +34,6 @@ def _check_shape(layer: str, input_shape) -> tuple[int, ...]:
         raise ValueError(f"{layer}: input_shape must be (…, features) with positive sizes "
                          f"(batch axis excluded); got {input_shape}")
     return tuple(int(s) for s in input_shape)
-
-
-def _rows(v, ndim: int):
-    """A per-feature vector (D,) as (1, …, 1, D), to scale ``ndim``-rank rows."""
-    return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
 def _check_input(layer: str, x, features: int) -> None:
@@ -48,9 +51,7 @@ class _RowNorm(Layer):
     starts: ClassVar[dict[str, float]]  # each param's name and initial value
 
     def __post_init__(self):
-        eps = check_real(self.name, "eps", self.eps)
-        if eps <= 0:
-            raise ValueError(f"{self.name}: eps must be a finite number > 0; got {eps!r}")
+        eps = check_real(self.name, "eps", self.eps, 0, strict=True)
         object.__setattr__(self, "eps", eps)
 
     def init(self, key, input_shape, dtype=None):
@@ -58,12 +59,13 @@ class _RowNorm(Layer):
         input_shape = _check_shape(self.name, input_shape)
         dtype = dtype or default_float_dtype()
         params = {k: jnp.full((input_shape[-1],), v, dtype) for k, v in self.starts.items()}
-        return params, input_shape
+        return params, {}, input_shape
 
-    def check(self, params, x) -> None:
+    def check(self, params, state, x, ctx) -> None:
         """The params' keys and shapes, and ``x``'s last axis against them."""
         d = params["scale"].shape[0] if isinstance(params, dict) and "scale" in params else None
         check_params(self.name, params, {k: ((d,), "(features,)") for k in self.starts})
+        check_params(self.name, state, {}, "state")
         _check_input(self.name, x, d)
 
 
@@ -88,8 +90,9 @@ class LayerNorm(_RowNorm):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> layer = LayerNorm()
-      >>> params, out_shape = layer.init(jax.random.key(0), (3,))
-      >>> y, res = layer.forward(params, jnp.array([[1.0, 2.0, 3.0]]))
+      >>> from jaxbp.layers import Context
+      >>> params, state, out_shape = layer.init(jax.random.key(0), (3,))
+      >>> y, state, res = layer.forward(params, state, jnp.array([[1.0, 2.0, 3.0]]), Context())
       >>> [round(float(v), 4) for v in y[0]]
       [-1.2247, 0.0, 1.2247]
     """
@@ -98,13 +101,13 @@ class LayerNorm(_RowNorm):
 
     starts = {"scale": 1.0, "offset": 0.0}
 
-    def forward(self, params, x):
-        self.check(params, x)
+    def forward(self, params, state, x, ctx):
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         rstd = jax.lax.rsqrt(var + self.eps)
-        y = (x - mean) * rstd * _rows(params["scale"], x.ndim) + _rows(params["offset"], x.ndim)
-        return y, LayerNormResiduals(x=x, mean=mean, rstd=rstd)
+        gamma, beta = (per_feature(params[k], x.ndim) for k in ("scale", "offset"))
+        y = (x - mean) * rstd * gamma + beta
+        return y, state, LayerNormResiduals(x=x, mean=mean, rstd=rstd)
 
     def backward(self, params, residuals, dy):
         """Chain rule through the row's mean and variance.
@@ -125,7 +128,7 @@ class LayerNorm(_RowNorm):
         x_hat = (x - mean) * rstd
         rows = tuple(range(dy.ndim - 1))
         dparams = {"scale": jnp.sum(dy * x_hat, axis=rows), "offset": jnp.sum(dy, axis=rows)}
-        dx_hat = dy * _rows(params["scale"], dy.ndim)
+        dx_hat = dy * per_feature(params["scale"], dy.ndim)
         dx = rstd * (dx_hat - jnp.mean(dx_hat, axis=-1, keepdims=True)
                      - x_hat * jnp.mean(dx_hat * x_hat, axis=-1, keepdims=True))
         return dparams, dx
@@ -149,8 +152,9 @@ class RMSNorm(_RowNorm):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> layer = RMSNorm(eps=0.0001)
-      >>> params, _ = layer.init(jax.random.key(0), (2,))
-      >>> y, _ = layer.forward(params, jnp.array([[3.0, 4.0]]))
+      >>> from jaxbp.layers import Context
+      >>> params, state, _ = layer.init(jax.random.key(0), (2,))
+      >>> y, _, _ = layer.forward(params, state, jnp.array([[3.0, 4.0]]), Context())
       >>> [round(float(v), 4) for v in y[0]]
       [0.8485, 1.1314]
     """
@@ -159,10 +163,10 @@ class RMSNorm(_RowNorm):
 
     starts = {"scale": 1.0}
 
-    def forward(self, params, x):
-        self.check(params, x)
+    def forward(self, params, state, x, ctx):
         rrms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return x * rrms * _rows(params["scale"], x.ndim), RMSNormResiduals(x=x, rrms=rrms)
+        y = x * rrms * per_feature(params["scale"], x.ndim)
+        return y, state, RMSNormResiduals(x=x, rrms=rrms)
 
     def backward(self, params, residuals, dy):
         """Chain rule through the row's mean square.
@@ -179,6 +183,6 @@ class RMSNorm(_RowNorm):
         x, rrms = residuals
         x_hat = x * rrms
         rows = tuple(range(dy.ndim - 1))
-        dx_hat = dy * _rows(params["scale"], dy.ndim)
+        dx_hat = dy * per_feature(params["scale"], dy.ndim)
         dx = rrms * (dx_hat - x_hat * jnp.mean(dx_hat * x_hat, axis=-1, keepdims=True))
         return {"scale": jnp.sum(dy * x_hat, axis=rows)}, dx

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .base import Layer, check_parameterless, check_rank
+from .base import Layer, check_rank
 from .conv import as_padding, as_pair, check_image_shape, unread_rows, window_geometry
 
 
@@ -41,14 +41,19 @@ def _lowest(dtype):
     return np.array(jnp.iinfo(dtype).min, dtype)
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
 class _Pool(Layer):
-    """Shared constructor, validation and geometry of the pooling layers."""
+    """Shared fields, validation and geometry of the pooling layers."""
 
-    def __init__(self, window, stride=None, padding=0):
+    window: tuple[int, int]
+    stride: tuple[int, int] | None = None
+    padding: str | tuple = 0
+
+    def __post_init__(self):
         name = type(self).__name__
-        window = as_pair(name, "window", window)
-        stride = window if stride is None else as_pair(name, "stride", stride)
-        padding = as_padding(name, padding)
+        window = as_pair(name, "window", self.window)
+        stride = window if self.stride is None else as_pair(name, "stride", self.stride)
+        padding = as_padding(name, self.padding)
         if not isinstance(padding, str):
             for dim, pads, size in zip(("height", "width"), padding, window, strict=True):
                 if max(pads) > size - 1:
@@ -72,18 +77,18 @@ class _Pool(Layer):
         del key, dtype
         h, w, c = check_image_shape(self.name, input_shape)
         _, (h_out, w_out) = self._geometry((h, w))
-        return {}, (h_out, w_out, c)
+        return {}, {}, (h_out, w_out, c)
 
-    def _check_input(self, params, x):
-        check_parameterless(self.name, params, x)
+    def check(self, params, state, x, ctx):
+        super().check(params, state, x, ctx)
         check_rank(self.name, "input x", x, 4, "(batch, height, width, channels) NHWC")
-        return self._geometry(x.shape[1:3])
+        self._geometry(x.shape[1:3])
 
     def _windows(self):
         return (1, *self.window, 1), (1, *self.stride, 1)
 
 
-@dataclasses.dataclass(frozen=True, repr=False, init=False)
+@dataclasses.dataclass(frozen=True, repr=False)
 class MaxPool2D(_Pool):
     """``y[n, p, q, c] = max_{m < kh, k < kw} x̃[n, S_h·p + m, S_w·q + k, c]`` (x̃: x padded by −∞).
 
@@ -98,21 +103,18 @@ class MaxPool2D(_Pool):
     Example (a 4×4 map, 2×2 windows):
       >>> import jax.numpy as jnp
       >>> x = jnp.array([[1., 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]])
-      >>> y, _ = MaxPool2D(2).forward({}, x[None, :, :, None])
+      >>> from jaxbp.layers import Context
+      >>> y, _, _ = MaxPool2D(2).forward({}, {}, x[None, :, :, None], Context())
       >>> y[0, :, :, 0].tolist()
       [[6.0, 8.0], [3.0, 4.0]]
     """
 
-    window: tuple[int, int]
-    stride: tuple[int, int]
-    padding: str | tuple
-
-    def forward(self, params, x):
-        pads, _ = self._check_input(params, x)
+    def forward(self, params, state, x, ctx):
+        pads, _ = self._geometry(x.shape[1:3])
         dims, strides = self._windows()
         y = lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides,
                               self._pad_config(pads))
-        return y, MaxPoolResiduals(x=x, y=y)
+        return y, state, MaxPoolResiduals(x=x, y=y)
 
     def backward(self, params, residuals, dy):
         """dy goes to each window's arg-max; overlapping windows accumulate.
@@ -152,7 +154,7 @@ class MaxPool2D(_Pool):
         return {}, dxp[:, top:top + x.shape[1], left:left + x.shape[2], :]
 
 
-@dataclasses.dataclass(frozen=True, repr=False, init=False)
+@dataclasses.dataclass(frozen=True, repr=False)
 class AvgPool2D(_Pool):
     """``y[n, p, q, c] = 1/(kh·kw) Σ_{m < kh, k < kw} x̃[n, S_h·p + m, S_w·q + k, c]``.
 
@@ -163,21 +165,18 @@ class AvgPool2D(_Pool):
     Example (the same 4×4 map):
       >>> import jax.numpy as jnp
       >>> x = jnp.array([[1., 1, 2, 4], [5, 6, 7, 8], [3, 2, 1, 0], [1, 2, 3, 4]])
-      >>> y, _ = AvgPool2D(2).forward({}, x[None, :, :, None])
+      >>> from jaxbp.layers import Context
+      >>> y, _, _ = AvgPool2D(2).forward({}, {}, x[None, :, :, None], Context())
       >>> y[0, :, :, 0].tolist()
       [[3.25, 5.25], [2.0, 2.0]]
     """
 
-    window: tuple[int, int]
-    stride: tuple[int, int]
-    padding: str | tuple
-
-    def forward(self, params, x):
-        pads, _ = self._check_input(params, x)
+    def forward(self, params, state, x, ctx):
+        pads, _ = self._geometry(x.shape[1:3])
         dims, strides = self._windows()
         total = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, strides,
                                   self._pad_config(pads))
-        return total / (self.window[0] * self.window[1]), AvgPoolResiduals(x=x)
+        return total / (self.window[0] * self.window[1]), state, AvgPoolResiduals(x=x)
 
     def backward(self, params, residuals, dy):
         """Each input entry receives dy / (kh·kw) from every window that covers it.
