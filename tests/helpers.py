@@ -15,7 +15,10 @@ import pytest
 from jaxbp.layers import Layer
 
 # Compiler options for the checks' programs: small, and each runs once, so LLVM's
-# optimisations would cost more compile time than they save in run time.
+# optimisations would cost more compile time than they save in run time. Caution: at
+# level 0, XLA:CPU (jax 0.10.2) may compute one x @ W + b differently in two places of a
+# program, so autodiff of max(z) there can find no maximum and give NaN (a loud failure,
+# never a silent pass); test_nested.py compiles such programs at level 1.
 RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 

@@ -185,7 +185,7 @@ def check_nested(cases):
             assert moved == [train] * len(moved), where
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(cases=st.lists(nested_cases(), min_size=3, max_size=3))
 def test_random_nested_networks_manual_equals_autodiff(cases):
     check_nested(cases)
