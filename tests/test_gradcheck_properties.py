@@ -245,7 +245,7 @@ def check_modes_together(cases):
             assert report.ok, str(report)
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(cases=st.lists(nested_cases(), min_size=2, max_size=2))
 def test_random_nested_networks_pass_in_train_and_eval_mode(cases):
     check_modes_together(cases)
