@@ -242,11 +242,16 @@ class Model:
             _prefixed("loss", self.loss_fn.check_target_values, y_hat, y)
 
     # ----------------------------------------------------------------- forward
-    def _run(self, params, state, x, ctx):
-        """The body's forward: ``(y_hat, new_state, residuals)``."""
+    def _checked_state(self, params, state, x, ctx):
+        """``state`` (the empty one for ``None``) after the body's own check of its arguments."""
         if state is None:
             state = self.body.empty_state()
         self.body.check(params, state, x, ctx)
+        return state
+
+    def _run(self, params, state, x, ctx):
+        """The body's forward: ``(y_hat, new_state, residuals)``."""
+        state = self._checked_state(params, state, x, ctx)
         return self.body.forward(params, state, x, ctx)
 
     @_checks_arguments
@@ -271,10 +276,8 @@ class Model:
         layer's named residuals appear under their names; a nested block's list
         of residuals under ``"residuals"``.
         """
-        if state is None:
-            state = self.body.empty_state()
-        self.body.check(params, state, x, Context(train, key))
         ctx, trace = Context(train, key), []
+        state = self._checked_state(params, state, x, ctx)
         for i, layer in enumerate(self.layers):
             y, _, res = call(layer, f"layers[{i}]", params[i], state[i], x, ctx.at(i))
             named = res._asdict() if hasattr(res, "_asdict") else {"residuals": res}
@@ -283,16 +286,13 @@ class Model:
         return x, trace
 
     # -------------------------------------------------------------------- loss
-    def _decay_mask(self, params):
-        return self.body.decayed(params)
-
     def weight_penalty(self, params):
         """``s = λ/2 Σ ‖W‖_F²`` over weight matrices and kernels (``J = L + s``; 0 when λ = 0)."""
         self.body.check(params, self.body.empty_state(), None, Context())
         if self.weight_decay == 0.0:
             return 0.0
         squares = jax.tree.map(lambda p, d: jnp.sum(p * p) if d else 0.0,
-                               params, self._decay_mask(params))
+                               params, self.body.decayed(params))
         return 0.5 * self.weight_decay * sum(jax.tree.leaves(squares))
 
     def _data_loss(self, y_hat, y):
@@ -338,7 +338,7 @@ class Model:
             grads = tuple(grads)  # the pytree of params, as jax.grad returns it
         if self.weight_decay != 0.0:
             grads = jax.tree.map(lambda g, p, d: g + self.weight_decay * p if d else g,
-                                 grads, params, self._decay_mask(params))
+                                 grads, params, self.body.decayed(params))
         return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def _manual(self, params, state, x, y, ctx, remat_every):
@@ -355,9 +355,7 @@ class Model:
                     f"got {remat_every!r}"
                 )
             remat_every = int(remat_every)
-            if state is None:
-                state = self.body.empty_state()
-            self.body.check(params, state, x, ctx)
+            state = self._checked_state(params, state, x, ctx)
             # Forward keeping only the input of every remat_every-th layer.
             checkpoints, a, new_state = {}, x, []
             for i, layer in enumerate(self.layers):
