@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers.base import check_array, check_real, count_non_finite
+from .layers.base import check_array, check_real, count_non_finite, is_int
 
 
 def concrete_values(a) -> np.ndarray | None:
@@ -92,11 +92,11 @@ def _check_same_shape(loss: str, y_hat, y) -> None:
         )
 
 
-def check_labels(loss: str, y_hat, y) -> None:
+def check_labels(loss: str, y_hat, y, ignore_label=None) -> None:
     """Integer labels: shape (…) of an output (…, K), values in [0, K) where they are known.
 
-    Inside ``jax.jit`` the values are abstract and go unchecked: a label outside
-    [0, K) then selects no class.
+    ``ignore_label`` (if not None) is allowed too. Inside ``jax.jit`` the values
+    are abstract and go unchecked: a label outside [0, K) then selects no class.
     """
     *positions, classes = y_hat.shape
     if tuple(y.shape) != tuple(positions):
@@ -105,6 +105,8 @@ def check_labels(loss: str, y_hat, y) -> None:
             f"{tuple(y_hat.shape)}; got {tuple(y.shape)}"
         )
     labels = concrete_values(y)  # on the host: jnp reductions would be staged inside a trace
+    if labels is not None and ignore_label is not None:
+        labels = labels[labels != ignore_label]
     if labels is not None and labels.size:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= classes:
@@ -204,7 +206,8 @@ class Loss:
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields
+                           if getattr(self, f.name) is not None)  # (an option left unset)
         return f"{self.name}({fields})"
 
 
@@ -260,13 +263,28 @@ class SoftmaxCrossEntropy(Loss):
     Fused gradient (softmax and cross-entropy together), for N positions:
     ``∂L/∂z = (softmax(z)·Σ_k t_k − t) / N = (softmax(z) − t) / N`` for rows of t
     that sum to 1; shape (…, K).
+
+    Args:
+      ignore_label: an integer label (e.g. −1, PyTorch's ``ignore_index``) whose
+        positions are left out — padding in a batch of sequences. Then N counts
+        only the other positions (the mean over the counted ones), the ignored
+        positions' gradient is 0, and a batch with nothing counted has L = 0.
+        Integer labels only.
     """
 
+    ignore_label: int | None = None
     takes_labels = True
+
+    def __post_init__(self):
+        if self.ignore_label is not None:
+            if not is_int(self.ignore_label):
+                raise ValueError(f"SoftmaxCrossEntropy: ignore_label must be an int or None; "
+                                 f"got {self.ignore_label!r}")
+            object.__setattr__(self, "ignore_label", int(self.ignore_label))
 
     def check_target_values(self, y_hat, y) -> None:
         if _is_integer(y) and y.ndim == len(y_hat.shape) - 1:
-            check_labels(self.name, y_hat, y)
+            check_labels(self.name, y_hat, y, self.ignore_label)
         elif tuple(y.shape) == tuple(y_hat.shape):
             check_probability_rows(self.name, y)
 
@@ -280,11 +298,20 @@ class SoftmaxCrossEntropy(Loss):
                 f"probability targets {tuple(y_hat.shape)}; got shape {tuple(y.shape)} with "
                 f"dtype {y.dtype}"
             )
+        if self.ignore_label is not None and y.ndim == y_hat.ndim:
+            raise ValueError(f"{self.name}: ignore_label applies to integer labels "
+                             f"{tuple(y_hat.shape[:-1])}; got probability targets of shape "
+                             f"{tuple(y.shape)}")
         return over_positions(self._rows, y_hat, y)
 
     def _rows(self, z, y):
         n, classes = z.shape
-        if y.ndim == 1:  # integer labels (N,)
+        if y.ndim == 1 and self.ignore_label is not None:  # labels, some positions left out
+            counted = (y != self.ignore_label).astype(z.dtype)[:, None]  # (N, 1)
+            t = one_hot_mask(y, classes, z.dtype) * counted
+            t_sum = counted
+            n = jnp.maximum(jnp.sum(counted), 1)  # the mean over the counted positions
+        elif y.ndim == 1:  # integer labels (N,)
             t = one_hot_mask(y, classes, z.dtype)
             t_sum = 1.0  # one label per row
         else:  # targets (N, K)

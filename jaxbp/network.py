@@ -27,7 +27,7 @@ from .layers.base import (
     is_key,
 )
 from .layers.combinators import Sequential
-from .losses import Loss, values_known
+from .losses import Loss, concrete_values, values_known
 
 _MODE = ("state", "key", "train")
 _jit = functools.partial(jax.jit, static_argnums=0, static_argnames=("train",))
@@ -52,6 +52,8 @@ def _checks_arguments(jitted):
             _check_numeric(f"params{jax.tree_util.keystr(path)}", leaf)
         for leaf in jax.tree.leaves(x):
             _check_numeric("input x", leaf)
+        if all(values_known(leaf) for leaf in jax.tree.leaves(x)):  # (unknown inside jit)
+            self.body.check_input_values(jax.tree.map(concrete_values, x))
         self._check_mode(state, key, train)
         mode = {"state": state, "key": key, "train": bool(train)}
         if args or "y" in kwargs:  # forward and forward_with_residuals take no y
@@ -82,6 +84,17 @@ def _check_key(where: str, key) -> None:
         dtype = getattr(key, "dtype", None)
         got = f"dtype {dtype}" if dtype is not None else type(key).__name__
         raise ValueError(f"{where}: key must be a PRNG key, e.g. jax.random.key(0); got {got}")
+
+
+def _shape_tree(shape):
+    """``shape`` as a tuple of ints, or a tuple of such trees (a tuple input); None if neither."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        return None
+    shape = tuple(shape)
+    if all(is_int(s) for s in shape):
+        return tuple(int(s) for s in shape)
+    trees = [_shape_tree(s) for s in shape]
+    return None if not trees or None in trees else tuple(trees)
 
 
 def _prefixed(prefix: str, fn, *args):
@@ -176,10 +189,11 @@ class Model:
 
     def _init(self, key, input_shape, dtype):
         _check_key("Sequential.init", key)
-        if (isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__")
-                or not all(is_int(s) for s in input_shape)):
+        shape = _shape_tree(input_shape)
+        if shape is None:
             raise ValueError(f"Sequential.init: input_shape must be a tuple of ints (batch axis "
-                             f"excluded), e.g. (64,) or (8, 8, 1); got {input_shape!r}")
+                             f"excluded), e.g. (64,) or (8, 8, 1); got {input_shape!r} (a tuple "
+                             f"input takes a tuple of shapes, e.g. ((16, 8), (32,)))")
         if dtype is not None:
             try:
                 shown = jnp.dtype(dtype).name
@@ -188,7 +202,6 @@ class Model:
             if not _is_float(dtype):
                 raise ValueError(f"Sequential.init: dtype must be a floating-point dtype (e.g. "
                                  f"jnp.float32) or None; got {shown}")
-        shape = tuple(int(s) for s in input_shape)
         # Shapes first (no FLOPs, no memory): an absurd network is an error, not a hang.
         abstract = jax.eval_shape(lambda k: self.body.init(k, shape, dtype)[:2], key)
         leaves = jax.tree.leaves(abstract)

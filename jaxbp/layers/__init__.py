@@ -7,9 +7,11 @@ from .combinators import Residual, Sequential
 from .conv import Conv2D
 from .dense import Dense
 from .dropout import Dropout
+from .embedding import Embedding
 from .flatten import Flatten
 from .norm import LayerNorm, RMSNorm
 from .pool import AvgPool2D, MaxPool2D
+from .recurrent import GRU, LSTM, RNN
 
 __all__ = [
     "Layer",
@@ -25,6 +27,10 @@ __all__ = [
     "RMSNorm",
     "BatchNorm",
     "Dropout",
+    "Embedding",
+    "RNN",
+    "LSTM",
+    "GRU",
     "Identity",
     "Sigmoid",
     "Tanh",

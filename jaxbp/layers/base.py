@@ -82,6 +82,14 @@ class Layer:
         check_parameterless(self.name, params, x)
         check_params(self.name, state, {}, "state")
 
+    def check_input_values(self, x) -> None:
+        """A ValueError for input values outside the layer's domain (concrete ``x``; default: none).
+
+        Shapes and dtypes are ``check``'s; values can only be checked where they
+        are known, so a model calls this on its input before it jits
+        (``Embedding``: ids in [0, vocab_size)).
+        """
+
     def forward(self, params, state, x, ctx):
         raise NotImplementedError
 

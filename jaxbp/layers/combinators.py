@@ -103,6 +103,10 @@ class Sequential(Layer):
                 raise ValueError(f"Sequential: {what} must be a list with one entry per layer "
                                  f"({n}); got {got}")
 
+    def check_input_values(self, x) -> None:
+        with at_path("layers[0]"):
+            self.layers[0].check_input_values(x)
+
     def forward(self, params, state, x, ctx):
         new_state, residuals = [], []
         for i, layer in enumerate(self.layers):
@@ -180,6 +184,10 @@ class Residual(Layer):
 
     def check(self, params, state, x, ctx) -> None:
         """Nothing of its own: the body checks its params, state and input."""
+
+    def check_input_values(self, x) -> None:
+        with at_path("body"):
+            self.body.check_input_values(x)
 
     def forward(self, params, state, x, ctx):
         y, state, residuals = call(self.body, "body", params, state, x, ctx)
