@@ -4,7 +4,7 @@ Conventions: the batch is the leading axis; a dense layer computes
 ``y = x @ W + b`` with ``W`` of shape (in, out); images are NHWC and kernels HWIO.
 """
 
-from . import conventions, data, layers, losses, models, parallel, train
+from . import conventions, data, layers, losses, models, parallel, text, train
 from .bridge import with_manual_grad
 from .gradcheck import check_layer, finite_differences, gradcheck
 from .layers import Sequential
@@ -24,6 +24,7 @@ __all__ = [
     "conventions",
     "data",
     "parallel",
+    "text",
     "train",
     "layers",
     "losses",

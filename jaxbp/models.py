@@ -140,3 +140,29 @@ def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0)
         layers.Dense(classes, init="glorot_normal"),
     ]
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+
+
+CELLS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
+
+
+def char_rnn(vocab_size, cell="lstm", hidden=256, embed=64, num_layers=1, weight_decay=0.0):
+    """A character-level language model: ``Embedding → cell × num_layers → Dense(vocab_size)``.
+
+    Input: integer ids (batch, time); output: next-character logits (batch, time,
+    vocab_size) at every position, trained with softmax cross-entropy against the
+    ids shifted by one, averaged over every position (in nats per character).
+    ``cell`` is "rnn", "lstm" or "gru", each ``hidden`` wide and returning every
+    hidden state.
+
+    Example:
+      >>> net = char_rnn(65, cell="gru", hidden=32, embed=16)
+      >>> [layer.name for layer in net.layers], net.output_shape((50,))
+      (['Embedding', 'GRU', 'Dense'], (50, 65))
+    """
+    if cell not in CELLS:
+        raise ValueError(f"char_rnn: cell must be one of {sorted(CELLS)}; got {cell!r}")
+    check_int("char_rnn", "num_layers", num_layers)
+    stack = [layers.Embedding(vocab_size, embed),
+             *[CELLS[cell](hidden) for _ in range(num_layers)],
+             layers.Dense(vocab_size, init="glorot_normal")]
+    return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
