@@ -487,12 +487,12 @@ def gradcheck(
         param_rows = _leaf_rows(
             paths, manual_leaves, auto_leaves, params, index, fd, J, tol, atol, grad_at
         )
-    order = ["loss"] + [p for p in order if p in a_sig]  # from the output down
+    order = ["loss"] + order  # from the output down
     sig_atol = _global_atol(tol, jax.tree.leaves(a_sig))
-    signal_rows = {
+    signal_rows = {  # (none for an integer input, such as Embedding's ids)
         p: _compare("loss.dy_hat" if p == "loss" else f"{p}.dx", _leaf(m_sig[p]), _leaf(a_sig[p]),
                     tol, sig_atol)
-        for p in order
+        for p in order if p in a_sig
     }
     return GradReport(
         title=_describe(net),
@@ -500,7 +500,7 @@ def gradcheck(
         precision=precision,
         loss=J,
         params=tuple(c.row for c in param_rows),
-        signals=tuple(signal_rows[p].row for p in order),
+        signals=tuple(signal_rows[p].row for p in order if p in signal_rows),
         first_divergence=_blame(net, nested, order, param_rows, signal_rows),
         notes=tuple(notes),
     )
@@ -523,7 +523,7 @@ def _blame(net, nested, order, param_rows, signal_rows) -> str | None:
         return f"loss ({net.loss_fn.name})"
     for path in order[1:]:
         mine = [c for c in param_rows if c.row.path.rsplit(".", 1)[0] == path]
-        mine.append(signal_rows[path])
+        mine += [signal_rows[path]] if path in signal_rows else []
         if any(c.disagrees for c in mine):
             return f"{path} ({nested[path].name})"
     bad = [c.row.path for c in param_rows if c.disagrees]  # params of a layer never called

@@ -844,3 +844,129 @@ MUTATIONS = [
         mode="train",
     ),
 ]
+
+
+# ---------------------------------------------------------------------- recurrent
+# Backpropagation through time: each mutant's forward is its layer's own; only the backward
+# (the step back, or the scatter of the embedding's gradient) has the bug.
+class RNNCarriedGradientDropped(layers.RNN):
+    """BPTT without the recurrence: dh_t = dy_t, the ∂L/∂h_t carried back from step t+1 dropped.
+
+    Each step's gradient then comes only from its own output, as if h_{t−1} did not
+    feed h_t (truncated BPTT with a window of one step).
+    """
+
+    def add_to_h(self, dcarry, dh):
+        return dh
+
+
+class LSTMForgetPathDropped(layers.LSTM):
+    """dc_{t−1} = 0 instead of dc_t ⊙ f: the cell state's own path back in time is missing.
+
+    c_t = f ⊙ c_{t−1} + i ⊙ g, so c_{t−1} reaches the loss through c_t, scaled by the
+    forget gate; a backward that carries only ∂L/∂h from step to step (as for an RNN,
+    whose state is h alone) loses it. ∂L/∂c_t still gets its share through h_t =
+    o ⊙ tanh(c_t) at every step, so nothing is zero and the shapes all agree.
+    """
+
+    def step_backward(self, params, step, dcarry):
+        (dh_prev, _), da = super().step_backward(params, step, dcarry)
+        return (dh_prev, jnp.zeros_like(dh_prev)), da
+
+
+class EmbeddingOverwritesRepeats(layers.Embedding):
+    """dW = zeros.at[ids].set(dy): a repeated id keeps one position's gradient, not their sum."""
+
+    def backward(self, params, residuals, dy):
+        ids = residuals.ids.reshape(-1)
+        dW = jnp.zeros_like(params["W"]).at[ids].set(dy.reshape(-1, self.dim), mode="drop")
+        return {"W": dW}, None
+
+
+class GRUUpdateGateSignSwapped(layers.GRU):
+    """dz = dh ⊙ (n − h_{t−1}) instead of dh ⊙ (h_{t−1} − n).
+
+    h_t = (1 − z) ⊙ n + z ⊙ h_{t−1}: whether z weighs the new or the old state is a
+    convention (PyTorch's z keeps the old one), and taking the other's derivative is
+    the classic slip. The rest of the step back is GRU's own.
+    """
+
+    def step_backward(self, params, step, dh):
+        r, z, n = step.r, step.z, step.n
+        dn = dh * (1 - z)
+        dz = dh * (n - step.h_prev)  # the bug: the sign of the update gate's derivative
+        dan = dn * (1 - n * n)
+        drz = jnp.concatenate([dan * step.hn * r * (1 - r), dz * z * (1 - z)], axis=-1)
+        dhn = dan * r
+        dh_prev = dh * z + jnp.concatenate([drz, dhn], axis=-1) @ params["Wh"].T
+        return dh_prev, (jnp.concatenate([drz, dan], axis=-1), dhn)
+
+
+def _char_lm(cell):
+    """Embedding(7, 3) → ``cell`` (4 wide) → Dense(7): a tiny character model, float64.
+
+    Ids and labels (3, 5) drawn by NumPy: 15 ids of 7, so some repeat (the embedding's
+    gradient must add them up). Params as ``numpy_case`` draws them.
+    """
+    vocab, batch, time = 7, 3, 5
+    net = Sequential([layers.Embedding(vocab, 3), cell, layers.Dense(vocab)],
+                     loss=losses.SoftmaxCrossEntropy())
+    rng = np.random.default_rng(8)
+    shapes = jax.eval_shape(lambda k: net.init(k, (time,), jnp.float64), jax.random.key(0))
+
+    def draw(a):
+        fan_in = math.prod(a.shape[:-1]) if a.ndim > 1 else 1
+        return rng.normal(size=a.shape) / np.sqrt(fan_in)
+
+    params = jax.tree.map(draw, shapes)
+    ids = rng.integers(0, vocab, size=(batch, time))
+    assert len(np.unique(ids)) < ids.size  # (repeated ids)
+    return net, params, ids, rng.integers(0, vocab, size=(batch, time))
+
+
+def _rnn_lm():
+    return _char_lm(layers.RNN(4))
+
+
+def _lstm_lm():
+    return _char_lm(layers.LSTM(4))
+
+
+def _gru_lm():
+    return _char_lm(layers.GRU(4))
+
+
+# Rows of a _char_lm case below its cell: integer ids have no gradient, so gradcheck reports
+# no layers[0].dx signal row; the embedding table's gradient is the cell's dx scattered.
+_LM_CELL = _rows("layers[1]", "dx Wx Wh b") | _rows("layers[0]", "W")
+
+MUTATIONS.extend([
+    Mutation(
+        "RNN BPTT without the carried dh",
+        _rnn_lm,
+        lambda net: replace_layer(net, 1, RNNCarriedGradientDropped(4)),
+        "layers[1] (RNNCarriedGradientDropped)",
+        frozenset(_LM_CELL),
+    ),
+    Mutation(
+        "LSTM backward without the forget gate's path in dc",
+        _lstm_lm,
+        lambda net: replace_layer(net, 1, LSTMForgetPathDropped(4)),
+        "layers[1] (LSTMForgetPathDropped)",
+        frozenset(_LM_CELL),
+    ),
+    Mutation(
+        "Embedding gradient overwritten for repeated ids",
+        _rnn_lm,
+        lambda net: replace_layer(net, 0, EmbeddingOverwritesRepeats(7, 3)),
+        "layers[0] (EmbeddingOverwritesRepeats)",
+        frozenset({"layers[0].W"}),
+    ),
+    Mutation(
+        "GRU update gate derivative with the sign swapped",
+        _gru_lm,
+        lambda net: replace_layer(net, 1, GRUUpdateGateSignSwapped(4)),
+        "layers[1] (GRUUpdateGateSignSwapped)",
+        frozenset(_LM_CELL | {"layers[1].bhn"}),
+    ),
+])

@@ -101,3 +101,21 @@ def test_check_grads_float32_blind_spot_is_caught_by_gradcheck():
     assert {r.path for r in report.failures} == {"layers[0].W"}
     assert report.first_divergence == "layers[0] (DenseZeroWeightGradient)"
     assert report.row("layers[0].W").rel_err == 1.0
+
+
+
+RECURRENT_BLAMES = {"layers[1] (RNNCarriedGradientDropped)", "layers[1] (LSTMForgetPathDropped)",
+                    "layers[1] (GRUUpdateGateSignSwapped)",
+                    "layers[0] (EmbeddingOverwritesRepeats)"}
+
+
+def test_catalogue_reaches_recurrent_layers_and_embeddings():
+    """BPTT's classic bugs (the carried dh dropped, the LSTM's cell path, the GRU's update
+    gate) and the embedding's scatter, each placed at its layer of a tiny character model.
+    Its input is integer ids, which have no gradient: no row for the Embedding's dx."""
+    found = [m for m in MUTATIONS if m.blame in RECURRENT_BLAMES]
+    assert {m.blame for m in found} == RECURRENT_BLAMES
+    for m in found:
+        x = m.case()[2]
+        assert jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == 2  # (batch, time)
+        assert "layers[0].dx" not in m.failing

@@ -46,6 +46,8 @@ class Embedding(Layer):
     vocab_size: int
     dim: int
 
+    decay_keys = ("W",)  # a weight matrix: weight decay applies to it, as to Dense's W
+
     def __post_init__(self):
         check_int("Embedding", "vocab_size", self.vocab_size)
         check_int("Embedding", "dim", self.dim)
@@ -79,7 +81,9 @@ class Embedding(Layer):
                              f"{ids.max()}]")
 
     def forward(self, params, state, x, ctx):
-        y = jnp.take(params["W"], x, axis=0, mode="fill", fill_value=jnp.nan)
+        inside = (x >= 0) & (x < self.vocab_size)  # (jnp.take would wrap a negative id)
+        y = jnp.where(inside[..., None], jnp.take(params["W"], jnp.where(inside, x, 0), axis=0),
+                      jnp.nan)
         return y, state, EmbeddingResiduals(ids=x)
 
     def backward(self, params, residuals, dy):
@@ -93,5 +97,6 @@ class Embedding(Layer):
         ``float0`` zero there). An id outside [0, vocab_size) adds to no row.
         """
         ids = residuals.ids.reshape(-1)
+        ids = jnp.where(ids >= 0, ids, self.vocab_size)  # (a negative index would wrap around)
         dW = jnp.zeros_like(params["W"]).at[ids].add(dy.reshape(-1, self.dim), mode="drop")
         return {"W": dW}, None

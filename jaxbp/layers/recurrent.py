@@ -156,16 +156,19 @@ class _Recurrent(Layer):
     def check(self, params, state, x, ctx):
         check_params(self.name, params, self._expected())
         check_params(self.name, state, {}, "state")
-        seq, carry0 = x if isinstance(x, tuple) and len(x) == 2 else (x, None)
+        if isinstance(x, tuple) and len(x) != 2:
+            raise ValueError(f"{self.name}: input must be x or (x, initial state); got a tuple "
+                             f"of {len(x)}")
+        seq, carry0 = x if isinstance(x, tuple) else (x, None)
         check_array(self.name, "input x", seq)
+        if not jnp.issubdtype(seq.dtype, jnp.floating):
+            raise ValueError(f"{self.name}: input x must be floating-point; got dtype "
+                             f"{seq.dtype} (integer token ids go through layers.Embedding first)")
         features = params["Wx"].shape[0]
         if seq.ndim != 3 or seq.shape[-1] != features or seq.shape[1] == 0:
             raise ValueError(f"{self.name}: input x must have shape (batch, time, {features}) "
                              f"with time >= 1 to match Wx of shape {tuple(params['Wx'].shape)}; "
                              f"got x shape {tuple(seq.shape)}")
-        if not jnp.issubdtype(seq.dtype, jnp.floating):
-            raise ValueError(f"{self.name}: input x must be floating-point; got dtype "
-                             f"{seq.dtype} (integer token ids go through layers.Embedding first)")
         if carry0 is not None:
             want = jax.tree.map(lambda s: (seq.shape[0], *s), self._carry_shape(),
                                 is_leaf=lambda s: isinstance(s, tuple) and all(
@@ -175,9 +178,6 @@ class _Recurrent(Layer):
                     jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree.leaves(carry0)):
                 raise ValueError(f"{self.name}: the initial state must be floating-point with "
                                  f"shape {want} for x of shape {tuple(seq.shape)}; got {got}")
-        elif isinstance(x, tuple):
-            raise ValueError(f"{self.name}: input must be x or (x, initial state); got a tuple "
-                             f"of {len(x)}")
 
     # --------------------------------------------------------------- forward
     def forward(self, params, state, x, ctx):

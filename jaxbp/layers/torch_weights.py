@@ -64,10 +64,12 @@ def from_torch(layer, state_dict) -> dict:
                          f"unidirectional, with biases); it has {sorted(state_dict)}")
     w_ih, w_hh, b_ih, b_hh = (np.asarray(_numpy(state_dict[k])) for k in _NAMES)
     H, k = layer.hidden, layer.gates
-    if w_hh.shape != (k * H, H) or w_ih.shape[0] != k * H or b_ih.shape != b_hh.shape != (k * H,):
-        raise ValueError(f"from_torch: {layer!r} needs weight_hh_l0 of shape ({k * H}, {H}) and "
-                         f"weight_ih_l0 of shape ({k * H}, features); got {w_hh.shape} and "
-                         f"{w_ih.shape}")
+    if (w_hh.shape != (k * H, H) or w_ih.ndim != 2 or w_ih.shape[0] != k * H
+            or b_ih.shape != (k * H,) or b_hh.shape != (k * H,)):
+        raise ValueError(f"from_torch: {layer!r} needs weight_hh_l0 of shape ({k * H}, {H}), "
+                         f"weight_ih_l0 of shape ({k * H}, features) and biases of shape "
+                         f"({k * H},); got {w_hh.shape}, {w_ih.shape}, {b_ih.shape} and "
+                         f"{b_hh.shape}")
     params = {"Wx": _blocks(w_ih, order, H).T, "Wh": _blocks(w_hh, order, H).T}
     if isinstance(layer, GRU):
         merged = b_hh.copy()
