@@ -19,6 +19,7 @@ from .parallel import is_host_port
 COMMANDS = {
     "gradcheck": ("jaxbp.gradcheck_cli", "check a network's manual backward against autodiff"),
     "train": ("jaxbp.train_cli", "check the manual gradients, then train on a real dataset"),
+    "sample": ("jaxbp.sample_cli", "generate text from a character model's checkpoint"),
     "bench": ("jaxbp.bench", "time the manual backward against autodiff and the matmul peak"),
 }
 

@@ -5,6 +5,9 @@ compare the manual gradients with autodiff on one batch (``jaxbp.gradcheck``,
 float64) and print the verdict, train with a tqdm bar over the epochs, print a
 summary, optionally save a checkpoint after every epoch and plot the curves.
 
+The character-level models (``--model char-rnn``, ``char-lstm``, ``char-gru``)
+learn from a text instead: ``jaxbp.text_cli`` runs them.
+
 ``--epochs`` is the total: ``--resume`` continues a checkpoint from its epoch up
 to ``--epochs``, and gives exactly the parameters an uninterrupted run would.
 
@@ -17,12 +20,13 @@ train from the same start, so that one that stops stops the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
 import time
 
-from . import data
+from . import data, text
 from .cli import (
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -40,10 +44,14 @@ DEFAULTS = {
     "mlp": {"lr": 1e-3, "epochs": 30, "batch_size": 32, "weight_decay": 1e-3},
     "mlp-bn": {"lr": 1e-3, "epochs": 30, "batch_size": 32, "weight_decay": 1e-3},
     "cnn": {"lr": 1e-3, "epochs": 25, "batch_size": 32, "weight_decay": 1e-4},
+    # Character-level language models on a text (jaxbp.text_cli has their other defaults).
+    "char-rnn": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
+    "char-lstm": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
+    "char-gru": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
 }
 MLP_BN_DROPOUT = 0.1  # mlp-bn: Dense → BatchNorm → ReLU → Dropout(0.1) per hidden layer
 # A resumed run must agree on these, or its state would not fit the model.
-STRUCTURAL = ("dataset", "model", "hidden", "filters", "optimizer")
+STRUCTURAL = ("dataset", "model", "hidden", "filters", "optimizer", "clip")
 
 
 def _per_model(name: str) -> str:
@@ -51,14 +59,18 @@ def _per_model(name: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default="digits", choices=data.DATASETS,
-                        help="dataset to train on (default digits)")
+    parser.add_argument("--dataset", choices=(*data.DATASETS, *text.TEXTS),
+                        help="dataset to train on (default digits); the char models learn "
+                        "from a text: shakespeare (their default) or --text PATH")
     parser.add_argument("--data-dir", help="directory with the IDX files (mnist, fashion-mnist)")
     parser.add_argument("--model", default="mlp", choices=sorted(DEFAULTS),
                         help="network (default mlp; mlp-bn adds BatchNorm and Dropout "
-                        f"{MLP_BN_DROPOUT:g} to each hidden layer)")
+                        f"{MLP_BN_DROPOUT:g} to each hidden layer; char-rnn, char-lstm and "
+                        "char-gru are character-level language models)")
     parser.add_argument("--hidden", default="256",
-                        help="MLP hidden widths, comma-separated positive ints (default 256)")
+                        help="MLP hidden widths, comma-separated positive ints (default 256); "
+                        "for a char model one width per recurrent layer, all equal "
+                        "(256,256: two layers of 256)")
     parser.add_argument("--filters", default="32,32",
                         help="CNN filters of its two conv layers: two comma-separated positive "
                         "ints (default 32,32)")
@@ -75,6 +87,10 @@ def add_arguments(parser) -> None:
                         help=f"samples per step ({_per_model('batch_size')})")
     parser.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT,
                         help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² ({_per_model('weight_decay')})")
+    parser.add_argument("--clip", type=NON_NEGATIVE_FLOAT,
+                        help="clip the gradient to this global norm before the optimizer "
+                        "(optax.clip_by_global_norm); 0: no clipping (default 1 for the char "
+                        "models, none for the others)")
     parser.add_argument("--seed", type=SEED, default=0, help="seeds initialisation and shuffling")
     parser.add_argument("--checkpoint-dir",
                         help="save a checkpoint here after every epoch (created if missing); "
@@ -82,8 +98,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --checkpoint-dir")
     parser.add_argument("--plot", metavar="PATH",
-                        help="save loss and accuracy curves at PATH, in the format of its "
-                        "extension (png, pdf, svg, ...); PATH.png when it has none")
+                        help="save loss and accuracy curves (a char model's: train and "
+                        "validation loss) at PATH, in the format of its extension (png, pdf, "
+                        "svg, ...); PATH.png when it has none")
     parser.add_argument("--devices", type=POSITIVE_INT,
                         help="devices for data parallelism (default: all visible); with "
                         "several processes a multiple of their count, the same number from each")
@@ -105,6 +122,9 @@ def add_arguments(parser) -> None:
                          "describes (no other option needed there)")
     parser.add_argument("--skip-gradcheck", action="store_true",
                         help="train without checking the gradients first")
+    from . import text_cli  # (text_cli builds on this module)
+
+    text_cli.add_arguments(parser)
 
 
 def _widths(option: str, text: str, what: str, count: int | None = None) -> list[int]:
@@ -119,14 +139,18 @@ def _widths(option: str, text: str, what: str, count: int | None = None) -> list
 
 def _config(args) -> dict:
     """The run's settings from ``args``; ``ValueError`` names the bad option."""
+    from . import text_cli
+
+    text_cli.check_not_given(args)
     defaults = DEFAULTS[args.model]
     config = {
-        "dataset": args.dataset,
+        "dataset": args.dataset or "digits",
         "model": args.model,
         "hidden": None,
         "filters": None,
         "grad": args.grad,
         "optimizer": args.optimizer,
+        "clip": args.clip or None,
         "seed": args.seed,
     }
     if args.model in ("mlp", "mlp-bn"):
@@ -213,7 +237,27 @@ def build_model(config: dict, ds):
     )
 
 
-def _check_resume(path: str, config: dict) -> dict:
+def build_optimizer(config: dict):
+    """The optax optimizer of a config: ``optimizer`` at ``lr``, after clipping the
+    gradient's global norm at ``clip`` (``None``: no clipping).
+
+    Equal settings give the same object, so the programs jit compiled for one
+    (``train.init_state``, an epoch) serve the next.
+    """
+    return _optimizer(config["optimizer"], config["lr"], config.get("clip"))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(name: str, lr: float, clip: float | None):
+    import optax
+
+    from . import train
+
+    opt = train.optimizer(name, lr)
+    return opt if clip is None else optax.chain(optax.clip_by_global_norm(clip), opt)
+
+
+def _check_resume(path: str, config: dict, structural=STRUCTURAL) -> dict:
     from . import checkpoint
 
     meta = checkpoint.read_metadata(path)
@@ -226,13 +270,13 @@ def _check_resume(path: str, config: dict) -> dict:
         raise ValueError(f"checkpoint {path}: its history covers {covered} of its "
                          f"{meta['epoch']} epochs; jaxbp train saves every epoch's entries")
     saved = meta["config"]
-    differ = [k for k in STRUCTURAL if saved.get(k) != config[k]]
+    differ = [k for k in structural if saved.get(k) != config[k]]
     if differ:
         raise ValueError(
             f"checkpoint {path} was trained with a different setup: "
             + "; ".join(f"{k} {saved.get(k)!r} there, {config[k]!r} now" for k in differ)
         )
-    for k in sorted(set(config) - {"epochs", *STRUCTURAL}):
+    for k in sorted(set(config) - {"epochs", *structural}):
         if saved.get(k) != config[k]:
             print(f"note: {k} was {saved.get(k)!r} in the checkpoint, now {config[k]!r}")
     return meta
@@ -324,14 +368,14 @@ _READY = "training"
 _SEVERAL = ("coordinator", "num_processes", "process_id")
 
 
-def _save_plot(history: dict, path: str) -> int:
-    """Plot ``history`` to ``path``; the exit status (1 when the file cannot be written)."""
+def _save_plot(history: dict, path: str, plot=plot_history) -> int:
+    """``plot(history, path)``; the exit status (1 when the file cannot be written)."""
     import jax
 
     if jax.process_index() != 0:  # one writer when several hosts train
         return 0
     try:
-        print(f"saved curves to {plot_history(history, path)}")
+        print(f"saved curves to {plot(history, path)}")
     except OSError as err:  # e.g. the disk filled up during training
         print(f"error: train: --plot: cannot write {plot_path(path)}: {err.strerror or err}",
               file=sys.stderr)
@@ -378,8 +422,10 @@ def _run(args) -> int:
     start = time.perf_counter()
     import jax
 
-    from . import checkpoint, parallel, train
+    from . import checkpoint, parallel, text_cli, train
 
+    if text_cli.wants_text(args):
+        return text_cli.run_text(args)
     if args.resume and not args.checkpoint_dir:
         print("error: train: --resume needs --checkpoint-dir", file=sys.stderr)
         return 2
@@ -406,7 +452,7 @@ def _run(args) -> int:
         print(f"error: train: --model {config['model']} does not suit {config['dataset']} "
               f"(input shape {ds.input_shape}): {err}", file=sys.stderr)
         return 2
-    opt = train.optimizer(config["optimizer"], config["lr"])
+    opt = build_optimizer(config)
     state = train.init_state(net, opt, jax.random.key(config["seed"]), ds.input_shape, "float32")
 
     history = {}
@@ -451,16 +497,7 @@ def _run(args) -> int:
             on_epoch=_recorder(ckpt, config, history), progress=jax.process_index() == 0,
         )
     except train.NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if ckpt and os.path.exists(ckpt):
-            print(f"the last good checkpoint {ckpt} (epoch {err.epoch - 1}) is left as it was",
-                  file=sys.stderr)
-        elif ckpt:
-            print(f"nothing was saved: no epoch of this run finished before it diverged, so "
-                  f"there is no {ckpt}", file=sys.stderr)
-        else:
-            print("nothing was saved (pass --checkpoint-dir to keep the last good epoch)",
-                  file=sys.stderr)
+        _report_divergence(err, ckpt)
         return 1
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -474,14 +511,28 @@ def _run(args) -> int:
     return 0
 
 
-def _resume(ckpt: str, config: dict, like):
+def _report_divergence(err, ckpt) -> None:
+    """Say that training diverged (a ``NonFiniteLossError``) and what is left on disk."""
+    print(f"error: {err}", file=sys.stderr)
+    if ckpt and os.path.exists(ckpt):
+        print(f"the last good checkpoint {ckpt} (epoch {err.epoch - 1}) is left as it was",
+              file=sys.stderr)
+    elif ckpt:
+        print(f"nothing was saved: no epoch of this run finished before it diverged, so "
+              f"there is no {ckpt}", file=sys.stderr)
+    else:
+        print("nothing was saved (pass --checkpoint-dir to keep the last good epoch)",
+              file=sys.stderr)
+
+
+def _resume(ckpt: str, config: dict, like, structural=STRUCTURAL):
     """``(state, history)`` from the checkpoint to resume, or the exit status 2 (said why)."""
     import jax
 
     from . import checkpoint, parallel
 
     try:
-        _check_resume(ckpt, config)
+        _check_resume(ckpt, config, structural)
         state, meta = checkpoint.restore(ckpt, like=like)
     except (OSError, ValueError) as err:
         problem = str(err)
@@ -526,9 +577,8 @@ def _recorder(ckpt, config: dict, history: dict):
 
 def _summary(history: dict, run_history: dict, epoch: int, wall: float) -> str:
     """The closing line: accuracy, loss, steps/s after the first (compiling) epoch, device."""
+    rate, steady = step_rate(run_history)
     times, steps = run_history["time"], run_history["steps"]
-    steady = len(times) > 1 and times[-1] > times[0]
-    rate = (steps - steps / len(times)) / (times[-1] - times[0]) if steady else steps / times[-1]
     return (
         f"test accuracy {history['test_accuracy'][-1]:.2%} "
         f"(train {history['train_accuracy'][-1]:.2%}, test loss {history['test_loss'][-1]:.4f}) "
@@ -536,3 +586,12 @@ def _summary(history: dict, run_history: dict, epoch: int, wall: float) -> str:
         f"{rate:,.0f} steps/s{' after the first epoch' if steady else ''} | "
         f"{steps} steps in {times[-1]:.1f} s | device {run_history['device']} | wall {wall:.1f} s"
     )
+
+
+def step_rate(run_history: dict) -> tuple[float, bool]:
+    """``(steps/s, steady)``: after the first (compiling) epoch where there was a later one
+    (``steady``), else over the whole run."""
+    times, steps = run_history["time"], run_history["steps"]
+    steady = len(times) > 1 and times[-1] > times[0]
+    rate = (steps - steps / len(times)) / (times[-1] - times[0]) if steady else steps / times[-1]
+    return rate, steady
