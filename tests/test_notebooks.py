@@ -24,6 +24,7 @@ EXPECTED = [
     "05_gradient_checking",
     "06_training",
     "07_state_and_randomness",
+    "08_backprop_through_time",
 ]
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
