@@ -4,7 +4,9 @@ For each model, on whatever device JAX selects, in one run:
 
 * ``manual``   jitted ``net.manual_value_and_grad`` (the hand-written backward);
 * ``autodiff`` jitted ``jax.value_and_grad(net.loss)``;
-* ``remat k``  ``manual_value_and_grad(..., remat_every=k)`` (stores every k-th layer input);
+* ``remat k``  ``manual_value_and_grad(..., remat_every=k)`` (stores every k-th layer input;
+               not for ``char-lstm``: of its three layers only the LSTM stores much, its
+               per-step residuals, and remat splits between layers, not within one);
 * ``train``    a full optax step (manual gradients; plain SGD unless ``optimizer`` says
                ``"momentum"`` or ``"adam"``), called in a Python loop;
 * ``scan``     ``fit``'s fused epoch: the same step in a ``lax.scan`` that also
@@ -15,6 +17,15 @@ For each model, on whatever device JAX selects, in one run:
                bound: XLA schedules a bare chain of dots differently);
 * ``matmul``   an ``n × n`` by ``n × n`` matmul of the same dtype: the device's peak;
 * ``pytorch``  the same architecture's eager training step, if torch is installed.
+
+``char-lstm`` is the model ``jaxbp train --model char-lstm`` trains on Shakespeare,
+with its defaults (``models.char_rnn``: Embedding(80, 64) → LSTM(256) → Dense(80),
+the corpus's 80 characters), on random ids: input (batch, T) = (32, 64) ids in
+[0, 80), one label per position, the loss averaged over all of them. It has no
+``matmuls`` and no ``remat`` row, and every row also gives ``tok/s``, the tokens
+(batch × T positions) its step processes per second. Its LSTM runs a ``lax.scan`` over
+time, so the program should not grow with T: ``compile_times`` (and the bench,
+``lengths``, ``--lengths``) compiles its manual step at other lengths T.
 
 Timing: every variant is warmed up, then the variants take turns in ``rounds``
 interleaved rounds (each round runs a variant for about ``round_seconds``, at
@@ -28,10 +39,20 @@ are medians of per-round ratios, each between two variants timed in the same
 round; ``IQR`` gives the quartiles of the ``×autodiff`` ratios: when they
 straddle 1.00, the two variants are equally fast within the machine's noise.
 FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
-median time`` and ``%peak`` divides it by the matmul's rate. ``temp`` is the
+median time`` and ``%peak`` divides it by the matmul's rate. XLA counts a loop's
+body once, however often it runs, so for a model whose program loops (a
+``lax.scan``: ``char-lstm``) the FLOPs are instead the matmuls of the program's
+jaxpr, ``2·M·N·K`` per product, each scan body's times its length (``_matmul_flops``;
+the element-wise work, a few percent, is left out). ``temp`` is the
 temporary memory of XLA's compiled memory analysis (parameters, inputs and
 outputs excluded); ``compile`` is trace + lower + compile of that program. The
 ``train`` step donates its parameters and optimizer state (updated in place).
+On CPUs XLA allocates that temporary memory afresh in every call, and glibc
+serves large blocks with new pages, which fault on first touch: ``char-lstm``'s
+manual step takes ~10⁴ page faults a call, 15–25% of its time, which the
+fused epoch (``scan``: one allocation per epoch) does not pay. Starting Python
+with ``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=20000000000``
+(glibc keeps freed memory) removes them.
 
 Matmul precision: timings use JAX's default precision, the same for every row
 (on GPUs float32 matmuls may then run as TF32; on CPUs they are exact float32).
@@ -50,7 +71,7 @@ mlp-large`` prints (``format_table``) and writes (``--json PATH``).
 Example:
   >>> from jaxbp import bench
   >>> sorted(bench.MODELS)
-  ['cnn', 'deep-mlp', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
+  ['char-lstm', 'cnn', 'deep-mlp', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
   >>> times = bench.interleaved_times({"noop": lambda: None}, rounds=3, round_seconds=0.0)
   >>> len(times["noop"])
   3
@@ -62,11 +83,13 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 from . import models, train
@@ -78,10 +101,20 @@ from .paths import output_file_problem
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """A bench model: how to build it and the random data it is timed on.
+
+    ``vocab``: ``None`` for float inputs ``(batch, *input_shape)`` with one label
+    per sample; for a sequence model the vocabulary size, its inputs then being
+    integer ids ``(batch, T)`` in [0, vocab) with ``input_shape = (T,)`` and one
+    label in [0, classes) per position. ``remat``: whether a ``remat k`` row applies.
+    """
+
     build: Callable  # () -> Sequential
     input_shape: tuple[int, ...]
     batch: int
     classes: int = 10
+    vocab: int | None = None
+    remat: bool = True
 
 
 MODELS = {
@@ -92,6 +125,9 @@ MODELS = {
     "mlp-bn": ModelSpec(lambda: models.mlp(hidden=(1024, 1024), norm="batch", dropout=0.1),
                         (784,), 256),
     "resmlp": ModelSpec(lambda: models.residual_mlp(width=512, blocks=4), (784,), 256),
+    # jaxbp train --model char-lstm's defaults; the Shakespeare corpus has 80 characters.
+    "char-lstm": ModelSpec(lambda: models.char_rnn(80, "lstm", hidden=256, embed=64), (64,), 32,
+                           classes=80, vocab=80, remat=False),
 }
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -113,6 +149,32 @@ def _flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def _matmul_flops(jaxpr) -> int:
+    """``2·M·N·K`` summed over the products (``dot_general``) of ``jaxpr`` and its sub-jaxprs.
+
+    A ``scan``'s body counts ``length`` times, the costliest branch of a ``cond``
+    once, a ``while`` body once (its trip count is not known before it runs).
+    """
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(eqn.invars[0].aval.shape[d] for d in contract)
+            total += 2 * k * math.prod(eqn.outvars[0].aval.shape)
+        inner = [_matmul_flops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)]
+        if inner:
+            times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+            total += times * (max(inner) if eqn.primitive.name == "cond" else sum(inner))
+    return total
+
+
+def _loops(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a sub-jaxpr) runs a ``scan`` or ``while`` loop."""
+    return any(eqn.primitive.name in ("scan", "while")
+               or any(_loops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
 
 
 def temp_bytes(compiled) -> int | None:
@@ -189,7 +251,7 @@ def _gradient_errors(net, params, x, y, remat_every, mode) -> tuple[str, dict]:
     rounding errors of the same order as the manual one's, so both are measured
     against the float32 one (row ``autodiff``).
     """
-    dtype = x.dtype
+    dtype = jax.tree.leaves(params)[0].dtype  # (x may be integer ids)
     ref_dtype = jnp.promote_types(dtype, jnp.float32)
 
     def rel(a, b):
@@ -197,8 +259,11 @@ def _gradient_errors(net, params, x, y, remat_every, mode) -> tuple[str, dict]:
         scale = jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(b.dtype).tiny)
         return jnp.max(jnp.abs(a - b)) / scale
 
+    def widen(a):  # floats only: integer ids and labels stay as they are
+        return a.astype(ref_dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a
+
     def errors(params, x, y):
-        upcast = functools.partial(jax.tree.map, lambda a: a.astype(ref_dtype))
+        upcast = functools.partial(jax.tree.map, widen)
         wide = {**mode, "state": upcast(mode["state"])}
         reference = jax.grad(net.loss)(upcast(params), upcast(x), y, **wide)
         out = {"manual": net.manual_backward(params, x, y, **mode)}
@@ -241,11 +306,22 @@ def _matmuls(net, params):
     return matmuls, [p["W"] for p in params if p]
 
 
-def _data(spec: ModelSpec, batch: int, dtype, key, steps: int = 0):
+def _data(spec: ModelSpec, batch: int, dtype, key, steps: int = 0, input_shape=None):
+    """Random ``(x, y)`` of ``batch`` samples (``(steps, batch, …)`` when ``steps``).
+
+    ``x`` is N(0, 1) in ``dtype``, or for a sequence model integer ids in [0,
+    vocab); ``y`` integer labels in [0, classes), one per sample or per position.
+    ``input_shape`` (default the spec's) sets another length T for a sequence model.
+    """
     kx, ky = jax.random.split(key)
     lead = (steps, batch) if steps else (batch,)
-    x = jax.random.normal(kx, (*lead, *spec.input_shape), dtype)
-    return x, jax.random.randint(ky, lead, 0, spec.classes)
+    shape = spec.input_shape if input_shape is None else tuple(input_shape)
+    if spec.vocab is None:
+        x = jax.random.normal(kx, (*lead, *shape), dtype)
+    else:
+        x = jax.random.randint(kx, (*lead, *shape), 0, spec.vocab)
+    labels = () if spec.vocab is None else shape
+    return x, jax.random.randint(ky, (*lead, *labels), 0, spec.classes)
 
 
 def _ratios(numerators, denominators) -> list[float]:
@@ -272,11 +348,27 @@ def _check_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps, optimizer,
-                   peak_size) -> None:
-    """A ``ValueError`` naming the first bad argument of ``bench_model`` (but ``dtype``)."""
+def _check_lengths(lengths) -> tuple[int, ...]:
+    """``lengths`` as a tuple of ints, or a ``ValueError`` unless each is a positive int."""
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
+        raise ValueError(f"bench: lengths must be a sequence of positive ints (sequence lengths "
+                         f"T), e.g. (32, 256); got {lengths!r}")
+    lengths = tuple(lengths)
+    for i, length in enumerate(lengths):
+        check_int("bench", f"lengths[{i}]", length)
+    return tuple(int(length) for length in lengths)
+
+
+def _check_name(name) -> None:
     if name not in MODELS:
         raise ValueError(f"bench: unknown model {name!r}; choose from {sorted(MODELS)}")
+
+
+def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps, optimizer,
+                   peak_size, lengths) -> None:
+    """A ``ValueError`` naming the first bad argument of ``bench_model`` (but ``dtype``)."""
+    _check_name(name)
+    _check_lengths(lengths)
     for arg, value in (("batch", batch), ("peak_size", peak_size)):
         if value is not None:  # None: the default
             check_int("bench", arg, value)
@@ -293,31 +385,88 @@ def _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps,
 # -------------------------------------------------------------------- bench
 
 
+def _mode(net, key, input_shape, dtype) -> dict:
+    """Train mode with the network's state (BatchNorm) and a dropout key, where it has them."""
+    state = net.init_state(key, input_shape, dtype) if net.stateful else None
+    return {"state": state, "key": key if net.body.stochastic else None, "train": True}
+
+
+def compile_times(name: str, lengths=(32, 256), *, batch=None, dtype="float32",
+                  repeats=2) -> dict:
+    """``{T: seconds}``: trace, lower and compile the ``manual`` step of a sequence model at T.
+
+    The step is the jitted ``manual_value_and_grad`` on ``batch`` (default the
+    model's) sequences of T ids. The recurrent layer runs its steps in a
+    ``lax.scan``, whose body is compiled once for any T, so the times should be
+    about equal (an unrolled loop would grow with T). Each figure is the least
+    of ``repeats`` compiles, the lengths taking turns, so that neither a busy
+    machine nor the one-time costs of a fresh process land on one length alone;
+    every compile traces afresh (a new network object, so no trace is reused).
+
+    Example:
+      >>> times = compile_times("char-lstm", lengths=(4, 8), batch=2)
+      >>> sorted(times), all(s > 0 for s in times.values())
+      ([4, 8], True)
+    """
+    _check_name(name)
+    spec = MODELS[name]
+    if spec.vocab is None:
+        sequence = sorted(n for n, s in MODELS.items() if s.vocab is not None)
+        raise ValueError(f"bench: compile_times needs a sequence model ({', '.join(sequence)}); "
+                         f"got {name!r}")
+    lengths = _check_lengths(lengths)
+    if batch is not None:
+        check_int("bench", "batch", batch)
+    check_int("bench", "repeats", repeats)
+    dtype = _check_dtype(dtype)
+    batch = spec.batch if batch is None else int(batch)
+
+    def seconds(length):
+        net = spec.build()  # equal to the others, but a new object: its traces are its own
+        k_init, k_data, k_mode = jax.random.split(jax.random.key(0), 3)
+        params = net.init(k_init, (length,), dtype)
+        x, y = _data(spec, batch, dtype, k_data, input_shape=(length,))
+        mode = _mode(net, k_mode, (length,), dtype)
+        return _compile(lambda p, x, y: net.manual_value_and_grad(p, x, y, **mode), params, x,
+                        y)[1]
+
+    times = {length: [] for length in lengths}
+    for r in range(repeats):
+        for length in lengths if r % 2 == 0 else lengths[::-1]:
+            times[length].append(seconds(length))
+    return {length: min(ts) for length, ts in times.items()}
+
+
 def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seconds=0.02,
                 remat_every=4, epoch_steps=20, optimizer="sgd", peak_size=None,
-                torch_reference=True) -> dict:
+                torch_reference=True, lengths=(32, 256)) -> dict:
     """Measure one model of ``MODELS``; see the module docstring for the rows.
 
     ``batch`` and ``peak_size`` of ``None`` take the model's batch and the
     device's default matmul size; ``remat_every`` of ``None`` or ``0`` drops the
-    remat row. Bad arguments raise ``ValueError`` before anything is compiled.
+    remat row (a model without one, ``char-lstm``, ignores it). For a sequence
+    model, ``lengths`` are the lengths T of ``compile_times``, reported as
+    ``compile_s_by_length`` (``{str(T): seconds}``, empty for other models or
+    ``lengths=()``). Bad arguments raise ``ValueError`` before anything is compiled.
 
     Ratios (``ratio_to_autodiff``, ``fraction_of_peak``) are medians of the
     per-round ratios, each taken between variants timed in the same round, which
     cancels most of the drift of a shared machine.
     """
     _check_options(name, batch, rounds, round_seconds, remat_every, epoch_steps, optimizer,
-                   peak_size)
+                   peak_size, lengths)
     dtype = _check_dtype(dtype)
     spec = MODELS[name]
     batch = spec.batch if batch is None else batch
+    remat_every = remat_every if spec.remat else None
     net = spec.build()
     k_init, k_data, k_epoch, k_mode = jax.random.split(jax.random.key(0), 4)
     params = net.init(k_init, spec.input_shape, dtype)
-    net_state = net.init_state(k_init, spec.input_shape, dtype) if net.stateful else None
-    key = k_mode if net.body.stochastic else None
-    mode = {"state": net_state, "key": key, "train": True}
+    mode = _mode(net, k_mode, spec.input_shape, dtype)
+    net_state, key = mode["state"], mode["key"]
     x, y = _data(spec, batch, dtype, k_data)
+    # A sequence model's step reads batch × T tokens.
+    tokens = batch * math.prod(spec.input_shape) if spec.vocab is not None else None
     xs, ys = _data(spec, batch, dtype, k_epoch, epoch_steps)
     opt = train.optimizer(optimizer, LEARNING_RATE, MOMENTUM)
     opt_state = opt.init(params)
@@ -340,18 +489,23 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
     epoch = train.fused_epoch(net, opt, "manual", epoch_steps, batch, impl)
     carry = (params, net_state, opt_state)
     programs["scan"] = (epoch, (carry, jax.random.key_data(k_epoch), xs.reshape(-1, *x.shape[1:]),
-                                ys.reshape(-1)))
+                                ys.reshape(-1, *y.shape[1:])))
     n = peak_size if peak_size is not None else 1024 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(k_data, (n, n), dtype)
     peak = f"matmul {n}²"
     programs[peak] = (jnp.matmul, (a, a))
 
+    # XLA counts a loop body once: for a program with loops, count the jaxpr's matmuls.
+    loops = _loops(jax.make_jaxpr(manual(None))(params, x, y).jaxpr)
     rows, timers = {}, {}
     for variant, (fn, args) in programs.items():
         # The training step updates its parameters in place (donated buffers).
         donate = (0, 1) if variant == "train" else ()
         compiled, seconds = _compile(fn, *args, donate_argnums=donate)
-        rows[variant] = {"variant": variant, "compile_s": seconds, "flops": _flops(compiled),
+        flops = _flops(compiled)
+        if loops and variant not in ("scan", peak):  # (scan: the train step's, below)
+            flops = _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+        rows[variant] = {"variant": variant, "compile_s": seconds, "flops": flops,
                          "temp_bytes": temp_bytes(compiled), "steps_per_call": 1}
         if variant == "train":
             state = jax.tree.map(jnp.copy, (params, opt_state))
@@ -379,6 +533,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
         median, spread = _summary(samples)
         ratios = _ratios(samples, per_step["autodiff"])
         row.update(time_s=median, spread=spread, steps_per_s=1 / median,
+                   tokens_per_s=tokens / median if tokens and variant != peak else None,
                    ratio_to_autodiff=statistics.median(ratios), ratio_iqr=_quartiles(ratios))
         row["flops_per_s"] = row["flops"] / median if row["flops"] else None
         row["fraction_of_peak"] = None
@@ -386,9 +541,15 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
             rates = [row["flops"] / t for t in samples]
             peaks = [rows[peak]["flops"] / t for t in per_step[peak]]
             row["fraction_of_peak"] = statistics.median(_ratios(rates, peaks))
+    by_length = {}
+    if spec.vocab is not None:
+        by_length = {str(t): s for t, s in compile_times(name, lengths, batch=batch,
+                                                         dtype=dtype).items()}
     reference, grad_errors = _gradient_errors(net, params, x, y, remat_every, mode)
     return {"model": name, "batch": batch, "input_shape": list(spec.input_shape),
-            "layers": len(net.layers), "optimizer": optimizer,
+            "layers": len(net.layers), "optimizer": optimizer, "tokens_per_step": tokens,
+            "flops_count": "jaxpr matmuls" if loops else "xla",
+            "compile_s_by_length": by_length,
             "peak_flops_per_s": rows[peak]["flops_per_s"], "pytorch": torch_note,
             "grad_reference": reference, "grad_rel_error": grad_errors,
             "rows": list(rows.values())}
@@ -424,9 +585,9 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The aligned table ``jaxbp bench`` prints."""
+    """The aligned table ``jaxbp bench`` prints, a line per model below it, and a legend."""
     head = ("model", "variant", "ms/step", "±", "×autodiff", "IQR", "compile s", "GFLOP",
-            "GFLOP/s", "%peak", "temp MiB", "steps/s")
+            "GFLOP/s", "%peak", "temp MiB", "steps/s", "tok/s")
     lines = [f"device {result['device']} · dtype {result['dtype']} · jax {result['jax']}"]
     table = [head]
     for m in result["models"]:
@@ -438,6 +599,7 @@ def format_table(result: dict) -> str:
                 _fmt(row["compile_s"], ".2f"), _fmt(row["flops"], ".3f", 1e-9),
                 _fmt(row["flops_per_s"], ".1f", 1e-9), _fmt(row["fraction_of_peak"], ".0%"),
                 _fmt(row["temp_bytes"], ".2f", 2**-20), _fmt(row["steps_per_s"], ".0f"),
+                _fmt(row["tokens_per_s"], ".0f"),
             ))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for r in table:
@@ -448,6 +610,19 @@ def format_table(result: dict) -> str:
         lines.append(f"{m['model']}: batch {m['batch']}, grad err vs {m['grad_reference']} "
                      f"autodiff {errors}, "
                      f"pytorch {m['pytorch']}")
+        if m["compile_s_by_length"]:
+            times = ", ".join(f"T={t} {s:.2f} s" for t, s in m["compile_s_by_length"].items())
+            lines.append(f"{m['model']}: compile of manual at {times} (the least of 2 each; "
+                         f"lax.scan: the program does not grow with T)")
+    tokens = {m["model"]: m["tokens_per_step"] for m in result["models"] if m["tokens_per_step"]}
+    if tokens:
+        per_step = ", ".join(f"{name} {n}" for name, n in tokens.items())
+        lines.append(f"tok/s: tokens (batch × T positions) per step / time per step; tokens "
+                     f"per step: {per_step}")
+    counted = [m["model"] for m in result["models"] if m["flops_count"] != "xla"]
+    if counted:
+        lines.append(f"GFLOP of {', '.join(counted)}: the jaxpr's matmuls, each scan body times "
+                     f"its length (XLA's count takes a loop body once)")
     return "\n".join(lines)
 
 
@@ -460,6 +635,15 @@ def _models(text: str) -> list[str]:
             f"expected a comma-separated list of {', '.join(MODELS)}; got {text!r}"
             + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     return names
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: a comma-separated list of positive ints."""
+    try:
+        return tuple(POSITIVE_INT(t) for t in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of positive ints; got {text!r}") from None
 
 
 def _json_path(path: str) -> str:
@@ -491,6 +675,10 @@ def add_arguments(parser) -> None:
                         help="optax optimizer of the training rows (default %(default)s)")
     parser.add_argument("--peak-size", type=POSITIVE_INT,
                         help="n of the n×n matmul (default 1024 on CPU, 8192 elsewhere)")
+    parser.add_argument("--lengths", type=_lengths, default=(32, 256),
+                        help="sequence lengths T at which a sequence model's manual step is "
+                             "compiled, to show the compile time does not grow with T "
+                             "(default 32,256)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--json", metavar="PATH", type=_json_path,
                         help="also write the figures as JSON (checked before timing)")
@@ -503,7 +691,7 @@ def run(args) -> int:
         args.models, batch=args.batch, dtype=args.dtype, rounds=args.rounds,
         round_seconds=args.round_seconds, remat_every=args.remat_every or None,
         epoch_steps=args.epoch_steps, optimizer=args.optimizer,
-        peak_size=args.peak_size, torch_reference=not args.no_torch,
+        peak_size=args.peak_size, torch_reference=not args.no_torch, lengths=args.lengths,
     )
     print(format_table(result))
     if args.json:

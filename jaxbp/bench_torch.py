@@ -2,8 +2,12 @@
 
 PyTorch is optional and never a dependency: without it the reference says
 "not installed". The network is rebuilt layer by layer in ``torch.nn`` (images
-in PyTorch's own NCHW layout, the same FLOPs) and trained by the usual eager
-loop ``zero_grad → loss → backward → optimizer step`` on the device JAX uses,
+in PyTorch's own NCHW layout, the same FLOPs; sequences batch-first, as jaxbp's:
+``nn.Embedding``, ``nn.RNN``/``nn.LSTM``/``nn.GRU`` with ``batch_first=True``,
+``nn.Linear`` on the last axis) and trained by the usual eager loop ``zero_grad
+→ loss → backward → optimizer step``, the cross-entropy averaged over every
+position, on the random data the bench uses (N(0, 1) inputs, or ids for a
+network that starts with an Embedding) on the device JAX uses,
 with PyTorch's default thread count; its OpenMP threads wait passively
 (``OMP_WAIT_POLICY=PASSIVE`` unless set), as spinning threads would slow
 whichever of JAX and PyTorch runs next on the same cores.
@@ -18,6 +22,8 @@ import numpy as np
 
 from .layers.conv import resolve_pads
 
+_RECURRENT = ("RNN", "LSTM", "GRU")  # the same names in jaxbp.layers and torch.nn
+
 
 def _permute(torch, dims):
     """A module that permutes its input's axes to ``dims`` (NCHW ↔ NHWC)."""
@@ -29,13 +35,29 @@ def _permute(torch, dims):
     return Permute()
 
 
+def _recurrent(torch, kind, features, layer):
+    """PyTorch's ``nn.RNN`` (tanh), ``nn.LSTM`` or ``nn.GRU``, batch-first, returning only the
+    output: every h_t (batch, time, hidden), or the last (batch, hidden) for
+    ``return_sequences=False``. Its state dict is the one ``torch_weights.to_torch`` gives."""
+    base = getattr(torch.nn, kind)
+    extra = {"nonlinearity": "tanh"} if kind == "RNN" else {}
+
+    class Recurrent(base):
+        def forward(self, x):
+            hs, _ = super().forward(x)  # (the final state, also returned, is dropped)
+            return hs if layer.return_sequences else hs[:, -1]
+
+    return Recurrent(features, layer.hidden, batch_first=True, **extra)
+
+
 def _module(torch, layer, shape):
     """``(torch module, output shape)`` for one jaxbp layer; ``shape`` excludes the batch.
 
     The module computes the layer's function with the layer's settings (GELU's form,
     ELU's α, LeakyReLU's slope, the norms' ε) on PyTorch's NCHW layout: Softmax and
     the norms over the channels of images, and Flatten ordering an image's features
-    (H, W, C) as jaxbp does.
+    (H, W, C) as jaxbp does. Sequences (time, features) keep jaxbp's batch-first
+    layout; a recurrent layer's input is the sequence alone (initial state zeros).
     """
     nn, kind = torch.nn, type(layer).__name__
     if kind == "Sequential":
@@ -43,8 +65,15 @@ def _module(torch, layer, shape):
     if kind == "Residual":
         body, out_shape = _module(torch, layer.body, shape)
         return _residual(torch, body), out_shape
+    if kind in _RECURRENT and not (len(shape) == 2 and all(isinstance(s, int) for s in shape)):
+        raise ValueError(f"no PyTorch equivalent for {kind} on input shape {shape} (only a "
+                         f"sequence (time, features), without an initial state, is mapped)")
     out_shape = tuple(layer.init(jax.random.key(0), shape)[2])
     image = len(shape) == 3
+    if kind == "Embedding":
+        return nn.Embedding(layer.vocab_size, layer.dim), out_shape
+    if kind in _RECURRENT:
+        return _recurrent(torch, kind, shape[1], layer), out_shape
     simple = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "Identity": nn.Identity,
               "Softplus": nn.Softplus}
     if kind in simple:
@@ -73,8 +102,8 @@ def _module(torch, layer, shape):
         return norm, out_shape
     if kind == "Dropout":
         return nn.Dropout(layer.rate), out_shape
-    if kind == "Dense" and len(shape) == 1:
-        return nn.Linear(shape[0], layer.units, bias=layer.use_bias), out_shape
+    if kind == "Dense" and not image:  # on the last axis: features, or a sequence's
+        return nn.Linear(shape[-1], layer.units, bias=layer.use_bias), out_shape
     if kind not in ("Conv2D", "MaxPool2D", "AvgPool2D"):
         raise ValueError(f"no PyTorch equivalent for layer {kind}")
     window = layer.kernel_size if kind == "Conv2D" else layer.window
@@ -121,7 +150,11 @@ def to_torch(net, input_shape):
 
 
 def train_step(net, input_shape, batch, dtype, optimizer, learning_rate, momentum):
-    """``(step, note)``: a zero-argument eager training step, or ``(None, why not)``."""
+    """``(step, note)``: a zero-argument eager training step, or ``(None, why not)``.
+
+    ``step()`` updates the parameters on one fixed random batch and returns the
+    loss before the update, the mean cross-entropy over every position.
+    """
     # PyTorch's OpenMP threads busy-wait between parallel regions by default, which
     # starves JAX's threads when the two take turns on the same cores.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -141,9 +174,15 @@ def train_step(net, input_shape, batch, dtype, optimizer, learning_rate, momentu
     except (ValueError, AttributeError, TypeError) as err:
         return None, f"n/a ({err})"
     model = model.to(device=device, dtype=torch_dtype)
-    shape = input_shape if len(input_shape) != 3 else (input_shape[2], *input_shape[:2])
-    x = torch.randn(batch, *shape, device=device, dtype=torch_dtype)
-    y = torch.randint(0, 10, (batch,), device=device)
+    first = net.layers[0]
+    if type(first).__name__ == "Embedding":  # integer ids, (batch, time)
+        x = torch.randint(0, first.vocab_size, (batch, *input_shape), device=device)
+    else:
+        shape = input_shape if len(input_shape) != 3 else (input_shape[2], *input_shape[:2])
+        x = torch.randn(batch, *shape, device=device, dtype=torch_dtype)
+    # Labels in [0, classes) for every position of the output (…, classes).
+    *positions, classes = net.output_shape(input_shape)
+    y = torch.randint(0, classes, (batch, *positions), device=device)
     if optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
     else:
@@ -153,10 +192,12 @@ def train_step(net, input_shape, batch, dtype, optimizer, learning_rate, momentu
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        # the cross-entropy over every position: logits (batch · positions, classes)
+        loss = loss_fn(model(x).flatten(0, -2), y.flatten())
         loss.backward()
         opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
+        return loss.detach()  # the loss before the update
 
     return step, f"torch {torch.__version__} eager, {torch.get_num_threads()} threads"

@@ -4,6 +4,7 @@ No timing is asserted: the bench's numbers depend on the machine. What is
 asserted is the shape of its data, the JSON it writes, and the two properties
 of ``remat_every`` that do not depend on timing: gradients equal to autodiff's
 (float64, ≤ 1e-10) and a smaller temporary memory in XLA's compiled analysis.
+The ``char-lstm`` row runs at its real sizes on a batch of 2 sequences.
 """
 
 import json
@@ -17,12 +18,14 @@ import numpy as np
 import pytest
 
 from jaxbp import Sequential, bench, bench_torch, cli, layers, losses, models
+from jaxbp.layers import torch_weights
 from tests.helpers import max_tree_rel_error, random_params, rel_error
 from tests.test_layers import ACTIVATIONS
 
 TINY = dict(batch=8, rounds=3, round_seconds=0.001, epoch_steps=2, peak_size=64)
 ROW_KEYS = {"variant", "compile_s", "flops", "temp_bytes", "time_s", "spread", "steps_per_s",
-            "ratio_to_autodiff", "ratio_iqr", "flops_per_s", "fraction_of_peak"}
+            "tokens_per_s", "ratio_to_autodiff", "ratio_iqr", "flops_per_s", "fraction_of_peak"}
+MODEL_NAMES = "mlp-small, mlp-large, cnn, deep-mlp, mlp-bn, resmlp, char-lstm"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def test_run_bench_returns_every_row_well_formed(result):
     assert list(rows) == ["manual", "autodiff", "remat 4", "matmuls", "train", "scan",
                           "matmul 64²"]
     for row in rows.values():
-        assert set(row) == ROW_KEYS
+        assert set(row) == ROW_KEYS and row["tokens_per_s"] is None
         assert row["time_s"] > 0 and row["spread"] >= 0
         assert row["flops"] > 0 and row["fraction_of_peak"] > 0
         q1, q3 = row["ratio_iqr"]
@@ -58,6 +61,8 @@ def test_run_bench_returns_every_row_well_formed(result):
     errors = model["grad_rel_error"]
     assert model["grad_reference"] == "float32"
     assert set(errors) == {"manual", "remat"} and max(errors.values()) < 1e-5
+    assert model["flops_count"] == "xla" and model["compile_s_by_length"] == {}
+    assert model["tokens_per_step"] is None
 
 
 def test_bfloat16_gradients_are_measured_against_float32_autodiff():
@@ -80,6 +85,7 @@ def test_format_table_lists_every_row(result):
     assert sum(line.startswith("mlp-small  ") for line in table) == 7
     assert "IQR" in table[1]
     assert "grad err vs float32 autodiff" in table[-1]
+    assert table[1].split()[-1] == "tok/s" and not any("tokens" in line for line in table)
 
 
 def test_cli_writes_json(tmp_path, capsys):
@@ -150,6 +156,10 @@ def no_compiling(monkeypatch):
     (dict(dtype="foo"), "dtype must be one of float32, float64, bfloat16, float16; got 'foo'"),
     (dict(dtype="int32"), "dtype must be one of float32, float64, bfloat16, float16; got 'int32'"),
     (dict(optimizer="lbfgs"), "optimizer must be one of sgd, momentum, adam; got 'lbfgs'"),
+    (dict(lengths=(32, 0)), "lengths[1] must be a positive int; got 0"),
+    (dict(lengths=(2.5,)), "lengths[0] must be a positive int; got 2.5"),
+    (dict(lengths="32"), "lengths must be a sequence of positive ints (sequence lengths T), "
+                         "e.g. (32, 256); got '32'"),
 ])
 @pytest.mark.parametrize("api", ["run_bench", "bench_model"])
 def test_bad_options_are_rejected_before_compiling(no_compiling, api, option, message):
@@ -172,10 +182,14 @@ def test_float64_needs_x64():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--models", "foo"], "argument --models: expected a comma-separated list of mlp-small, "
-                          "mlp-large, cnn, deep-mlp, mlp-bn, resmlp; got 'foo' (unknown: foo)"),
-    (["--models", ","], "argument --models: expected a comma-separated list of mlp-small, "
-                        "mlp-large, cnn, deep-mlp, mlp-bn, resmlp; got ','"),
+    (["--models", "foo"], f"argument --models: expected a comma-separated list of {MODEL_NAMES}; "
+                          f"got 'foo' (unknown: foo)"),
+    (["--models", ","], f"argument --models: expected a comma-separated list of {MODEL_NAMES}; "
+                        f"got ','"),
+    (["--lengths", "0"], "argument --lengths: expected a comma-separated list of positive ints; "
+                         "got '0'"),
+    (["--lengths", "32,x"], "argument --lengths: expected a comma-separated list of positive "
+                            "ints; got '32,x'"),
     (["--dtype", "int32"], "argument --dtype: invalid choice: 'int32'"),
     (["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
     (["--rounds", "0"], "argument --rounds: expected a positive int; got '0'"),
@@ -206,7 +220,8 @@ def test_cli_help_states_the_defaults_and_dtypes(capsys):
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for text in ("timing rounds (default 61)", "(default 0.02)", "no remat row (default 4)",
-                 "fused epoch (default 20)", "float32, float64, bfloat16, float16"):
+                 "fused epoch (default 20)", "float32, float64, bfloat16, float16",
+                 "does not grow with T (default 32,256)"):
         assert text in out
 
 
@@ -260,9 +275,18 @@ def test_torch_reference_mirrors_the_architecture():
     assert module(torch.zeros(3, 5)).shape == (3, 10)
 
 
-def _load(torch, module, params):
-    """Copies a jaxbp layer's params into its PyTorch module (W: (in, out) or HWIO)."""
+def _load(torch, module, layer, params):
+    """Copies a jaxbp layer's params into its PyTorch module (W: (in, out) or HWIO; the
+    recurrent layers through ``torch_weights``, an Embedding's table as it is)."""
     if not params:
+        return
+    if isinstance(layer, (layers.RNN, layers.LSTM, layers.GRU)):
+        state = torch_weights.to_torch(layer, params)
+        module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                                for k, v in state.items()})
+        return
+    if isinstance(layer, layers.Embedding):
+        module.weight.data = torch.from_numpy(np.asarray(params["W"]))
         return
     (module,) = [m for m in module.modules() if getattr(m, "weight", None) is not None]
     if "scale" in params:  # LayerNorm, RMSNorm
@@ -313,7 +337,7 @@ def test_torch_reference_computes_each_layers_function(layer, shape):
     rng = np.random.default_rng(0)
     params = random_params(Sequential([layer], loss=losses.MeanSquaredError()), shape, rng)[0]
     module = module.to(torch.float64)
-    _load(torch, module, params)
+    _load(torch, module, layer, params)
     x = 2 * rng.normal(size=(3, *shape))
     state = layer.init(None, shape, np.float64)[1] if layer.stateful else {}
     want, new_state, _ = layer.forward(params, state, x, layers.Context(train=True))
@@ -333,11 +357,196 @@ def test_torch_reference_network_computes_the_same_function(name):
     rng = np.random.default_rng(1)
     params = random_params(net, shape, rng)
     module = bench_torch.to_torch(net, shape).to(torch.float64)
-    for sub, p in zip(module, params, strict=True):
-        _load(torch, sub, p)
+    for sub, layer, p in zip(module, net.layers, params, strict=True):
+        _load(torch, sub, layer, p)
     x = rng.normal(size=(5, *shape))
     got = module(torch.from_numpy(_to_nchw(x))).detach().numpy()
     assert rel_error(got, np.asarray(net.forward(params, x))) <= 1e-12
+
+
+# -------------------------------------------------------------------- char-lstm
+
+CHAR = dict(TINY, batch=2, lengths=(8, 24))
+V, T, E, H = 80, 64, 64, 256  # char-lstm: vocabulary, length, embedding, hidden
+
+
+@pytest.fixture(scope="module")
+def char_result():
+    return bench.run_bench(["char-lstm"], torch_reference=False, **CHAR)
+
+
+def test_char_lstm_data_are_ids_and_labels_per_position():
+    spec = bench.MODELS["char-lstm"]
+    assert (spec.input_shape, spec.batch, spec.vocab, spec.classes) == ((T,), 32, V, V)
+    for steps, lead in ((0, (5,)), (3, (3, 5))):
+        x, y = bench._data(spec, 5, jnp.float32, jax.random.key(0), steps)
+        assert x.shape == y.shape == (*lead, T)
+        for a in (x, y):
+            assert jnp.issubdtype(a.dtype, jnp.integer)
+            assert 0 <= int(a.min()) and int(a.max()) < V
+        assert len(np.unique(np.asarray(x))) > V // 2  # ids spread over the vocabulary
+    x, y = bench._data(spec, 2, jnp.float32, jax.random.key(0), input_shape=(9,))
+    assert x.shape == y.shape == (2, 9)
+    net = spec.build()
+    assert [layer.name for layer in net.layers] == ["Embedding", "LSTM", "Dense"]
+    assert net.output_shape((T,)) == (T, V)
+
+
+def test_char_lstm_rows_flops_and_gradients(char_result):
+    (model,) = char_result["models"]
+    assert model["model"] == "char-lstm" and model["input_shape"] == [T]
+    rows = {row["variant"]: row for row in model["rows"]}
+    # no remat (one layer holds the memory) and no matmuls (not a dense stack)
+    assert list(rows) == ["manual", "autodiff", "train", "scan", "matmul 64²"]
+    # Forward x Wx, h Wh (every step), h W_dense; the backward twice each: 3 × forward.
+    B = 2
+    dots = 3 * 2 * B * T * (E * 4 * H + H * 4 * H + H * V)
+    assert model["flops_count"] == "jaxpr matmuls"
+    for variant in ("manual", "autodiff", "train", "scan"):
+        assert rows[variant]["flops"] == dots, variant
+    assert rows["matmul 64²"]["flops"] == 2 * 64**3
+    for row in rows.values():
+        assert set(row) == ROW_KEYS and row["time_s"] > 0
+    assert isinstance(rows["manual"]["temp_bytes"], int)
+    assert isinstance(rows["autodiff"]["temp_bytes"], int)
+    assert model["grad_reference"] == "float32"
+    assert set(model["grad_rel_error"]) == {"manual"}
+    assert model["grad_rel_error"]["manual"] < 1e-5
+
+
+def test_char_lstm_compile_times_for_both_lengths(char_result):
+    (model,) = char_result["models"]
+    times = model["compile_s_by_length"]
+    assert list(times) == ["8", "24"] and all(s > 0 for s in times.values())
+    json.dumps(char_result)  # (str keys: the JSON holds the same figures)
+    table = bench.format_table(char_result)
+    assert "char-lstm: compile of manual at T=8 " in table and ", T=24 " in table
+
+
+def _cells(line: str) -> list[str]:
+    return re.split(r" {2,}", line.strip())
+
+
+def test_char_lstm_table_gives_tokens_per_second(char_result):
+    (model,) = char_result["models"]
+    table = bench.format_table(char_result).splitlines()
+    head = _cells(table[1])
+    assert head[-1] == "tok/s"
+    printed = {}
+    for line in table[2:]:
+        cells = _cells(line)
+        if cells[0] == "char-lstm" and cells[1] in ("manual", "autodiff", "train"):
+            printed[cells[1]] = dict(zip(head, cells, strict=True))
+    assert set(printed) == {"manual", "autodiff", "train"}
+    for row in model["rows"]:
+        if row["variant"] in printed:
+            cells = printed[row["variant"]]
+            # tokens per step are batch × T, counted here from the bench's own settings
+            want = CHAR["batch"] * T / row["time_s"]
+            assert abs(float(cells["tok/s"]) - want) <= 0.5, (cells, want)
+            # and the printed ms/step gives the same rate (to its 3 decimals)
+            ms = float(cells["ms/step"])
+            assert abs(CHAR["batch"] * T / (ms * 1e-3) / want - 1) <= 0.5e-3 / ms + 1e-3
+    assert any(line.startswith("tok/s: ") and "char-lstm 128" in line for line in table)
+    assert any(line.startswith("GFLOP of char-lstm: the jaxpr's matmuls") for line in table)
+
+
+def test_compile_times_is_for_sequence_models(no_compiling):
+    with pytest.raises(ValueError, match=r"compile_times needs a sequence model \(char-lstm\); "
+                                         r"got 'mlp-small'"):
+        bench.compile_times("mlp-small")
+    with pytest.raises(ValueError, match=r"bench: lengths\[0\] must be a positive int; got 0"):
+        bench.compile_times("char-lstm", lengths=(0, 32))
+    with pytest.raises(ValueError, match=r"bench: batch must be a positive int; got -1"):
+        bench.compile_times("char-lstm", batch=-1)
+    with pytest.raises(ValueError, match=r"bench: repeats must be a positive int; got 0"):
+        bench.compile_times("char-lstm", repeats=0)
+    with pytest.raises(ValueError, match=r"bench: unknown model 'lstm'"):
+        bench.compile_times("lstm")
+
+
+def test_matmul_flops_count_each_scan_step():
+    def chain(h, W, xs):  # T steps of h W: one dot in the body, run T times
+        return jax.lax.scan(lambda h, x: (jnp.tanh(h @ W + x), None), h, xs)[0]
+
+    h, W, xs = jnp.ones((3, 4)), jnp.ones((4, 4)), jnp.ones((7, 3, 4))
+    jaxpr = jax.make_jaxpr(chain)(h, W, xs).jaxpr
+    assert bench._loops(jaxpr)
+    assert bench._matmul_flops(jaxpr) == 7 * 2 * 3 * 4 * 4
+
+    def unrolled(h, W, xs):
+        for x in xs:
+            h = jnp.tanh(h @ W + x)
+        return h
+
+    # Without a loop XLA's count holds the same products (plus the element-wise work).
+    xla = bench._flops(bench._compile(unrolled, h, W, xs)[0])
+    assert 7 * 2 * 3 * 4 * 4 <= xla < 1.5 * 7 * 2 * 3 * 4 * 4
+    assert not bench._loops(jax.make_jaxpr(unrolled)(h, W, xs).jaxpr)
+
+    def branches(p, a):  # the costlier branch counts, once
+        return jax.lax.cond(p, lambda a: a @ a @ a, lambda a: a @ a, a)
+
+    assert bench._matmul_flops(jax.make_jaxpr(branches)(True, W).jaxpr) == 2 * (2 * 4**3)
+
+
+SEQUENCE_LAYERS = [layers.RNN(4), layers.LSTM(4), layers.GRU(4), layers.RNN(3, False),
+                   layers.LSTM(3, False), layers.GRU(3, False), layers.Dense(3)]
+
+
+@pytest.mark.parametrize("layer", SEQUENCE_LAYERS, ids=lambda v: repr(v))
+def test_torch_reference_computes_each_sequence_layers_function(layer):
+    """nn.RNN (tanh), nn.LSTM and nn.GRU batch-first, and nn.Linear on (batch, time, features),
+    loaded with ``torch_weights.to_torch``, equal jaxbp's layers in float64."""
+    torch = pytest.importorskip("torch")
+    shape = (6, 5)
+    module, out_shape = bench_torch._module(torch, layer, shape)
+    rng = np.random.default_rng(2)
+    params = random_params(layer, shape, rng)
+    module = module.to(torch.float64)
+    _load(torch, module, layer, params)
+    x = rng.normal(size=(3, *shape))
+    want = layer.forward(params, {}, x, layers.Context(train=True))[0]
+    got = module(torch.from_numpy(x)).detach().numpy()
+    assert want.shape == (3, *out_shape) and got.shape == want.shape
+    assert rel_error(got, np.asarray(want)) <= 1e-12
+
+
+def test_torch_reference_refuses_a_recurrent_layer_with_an_initial_state():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="no PyTorch equivalent for LSTM on input shape"):
+        bench_torch._module(torch, layers.LSTM(4), ((6, 5), ((4,), (4,))))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_torch_reference_char_rnn_computes_the_same_function(cell):
+    torch = pytest.importorskip("torch")
+    net = models.char_rnn(7, cell, hidden=5, embed=3)
+    rng = np.random.default_rng(3)
+    params = random_params(net, (6,), rng)
+    module = bench_torch.to_torch(net, (6,)).to(torch.float64)
+    assert isinstance(module[0], torch.nn.Embedding) and isinstance(module[2], torch.nn.Linear)
+    assert isinstance(module[1], getattr(torch.nn, cell.upper()))
+    assert module[1].batch_first
+    for sub, layer, p in zip(module, net.layers, params, strict=True):
+        _load(torch, sub, layer, p)
+    ids = rng.integers(0, 7, size=(4, 6))
+    got = module(torch.from_numpy(ids)).detach().numpy()
+    want = np.asarray(net.forward(params, jnp.asarray(ids)))
+    assert got.shape == want.shape == (4, 6, 7)
+    assert rel_error(got, want) <= 1e-12
+
+
+def test_torch_reference_trains_a_char_rnn():
+    torch = pytest.importorskip("torch")
+    net = models.char_rnn(11, hidden=8, embed=4)
+    step, note = bench_torch.train_step(net, (6,), 3, "float32", "adam", 0.01, 0.9)
+    assert note.startswith(f"torch {torch.__version__} eager")
+    losses_ = [float(step()) for _ in range(20)]
+    # The mean over the 3 × 6 positions starts near ln 11 (a sum would be 18 times that) and
+    # falls on the step's one fixed batch.
+    assert abs(losses_[0] - np.log(11)) < 0.5, losses_[0]
+    assert losses_[-1] < losses_[0] - 0.1, losses_
 
 
 # ------------------------------------------------------------------------ remat
