@@ -55,6 +55,7 @@ from .layers.base import (
     is_int,
     tapping,
 )
+from .network import Model
 
 _KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
 
@@ -449,6 +450,12 @@ def gradcheck(
       >>> report.ok, report.row("layers[2].W").rel_err < 1e-12
       (True, True)
     """
+    if not isinstance(net, Model):
+        raise ValueError(
+            "gradcheck checks a model (jaxbp.Sequential(layers, loss=...)); for one layer use "
+            "jaxbp.check_layer(layer, input_shape), for a function and its backward "
+            f"jaxbp.check_vjp(f, backward, *args); got {type(net).__name__}"
+        )
     dtype = dtype_name("gradcheck", dtype, TOLERANCES)
     check_int("gradcheck", "fd_max_coords", fd_max_coords, 0)
     check_int("gradcheck", "seed", seed, 0)
