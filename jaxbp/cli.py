@@ -1,7 +1,8 @@
 """The ``jaxbp`` command line.
 
 Each command lives in its own module, which provides ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit status).
+and ``run(args) -> int`` (the exit status). Ctrl-C ends a command with exit
+status 130 and one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -69,11 +70,14 @@ NON_NEGATIVE_FLOAT = number(_as_float32, 0, "a number ≥ 0 that float32 can hol
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="jaxbp",
         description="Forward and hand-written backward propagation in JAX, verified "
         "against autodiff.",
     )
+    parser.add_argument("--version", action="version", version=f"jaxbp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -93,6 +97,9 @@ def main(argv=None) -> int:
 
     try:
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which says where it stopped)
+        print(f"jaxbp {args.command}: interrupted", file=sys.stderr)
+        return 130
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise

@@ -20,13 +20,23 @@ def worked_example(dtype=None):
     so in the row-vector convention ``W[i, j]`` (input i → neuron j) is
     ``[[w1, w3], [w2, w4]]``.
 
+    Args:
+      dtype: of the weights and data; default float64 where ``jax_enable_x64`` is
+        on, else float32.
+
     Returns:
       ``(net, params, x, y)`` with x of shape (1, 2) and y of shape (1, 2).
 
     Example:
-      >>> net, params, x, y = worked_example()
-      >>> round(float(net.loss(params, x, y)), 9)
+      >>> import jax
+      >>> with jax.enable_x64():  # the tutorial's numbers are float64's
+      ...     net, params, x, y = worked_example()
+      ...     E = float(net.loss(params, x, y))
+      >>> round(E, 9)
       0.298371109
+      >>> net, params, x, y = worked_example("float32")  # agrees to 7 decimals
+      >>> round(float(net.loss(params, x, y)), 7)
+      0.2983711
     """
     f = jnp.result_type(float) if dtype is None else dtype
     net = Sequential(

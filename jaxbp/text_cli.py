@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -29,9 +28,11 @@ from . import text
 from .cli import POSITIVE_INT
 from .train_cli import (
     DEFAULTS,
+    IDX_DATASETS,
     _check_paths,
     _CheckpointWriteError,
     _gradcheck,
+    _interrupted,
     _recorder,
     _report_divergence,
     _resume,
@@ -53,11 +54,14 @@ GRADCHECK_WINDOWS, GRADCHECK_LENGTH = 4, 16
 
 def add_arguments(parser) -> None:
     group = parser.add_argument_group(
-        "character-level models (--model char-rnn, char-lstm, char-gru)",
+        f"character-level models (--model {', '.join(MODELS)})",
         "They learn to predict the next character of a text; jaxbp sample generates text "
-        "from their checkpoints.")
+        "from their checkpoints. The options here apply to them only (another --model "
+        "refuses them); --lr, --epochs, --batch-size, --weight-decay and --clip have their "
+        "own defaults for them (see above).")
     group.add_argument("--text", metavar="PATH",
-                       help="train on this UTF-8 text file instead of a named --dataset")
+                       help=f"train on this UTF-8 text file instead of a named --dataset "
+                       f"(default --dataset {text.TEXTS[0]})")
     group.add_argument("--seq-len", type=POSITIVE_INT,
                        help=f"characters per training window, the steps BPTT runs through "
                        f"(default {TEXT_DEFAULTS['seq_len']})")
@@ -103,8 +107,8 @@ def _config(args) -> dict:
     if args.devices not in (None, 1):
         raise ValueError(f"train: --devices {args.devices}: a char model trains on one device")
     if args.data_dir is not None:
-        raise ValueError(f"train: --data-dir applies to the IDX datasets (mnist, "
-                         f"fashion-mnist), not to {_source(args)}")
+        raise ValueError(f"train: --data-dir applies to the IDX datasets "
+                         f"({', '.join(IDX_DATASETS)}), not to {_source(args)}")
     hidden = _widths("--hidden", args.hidden, "comma-separated positive ints")
     if len(set(hidden)) > 1:
         raise ValueError(f"train: --hidden for a char model must be one width per recurrent "
@@ -248,7 +252,7 @@ def run_text(args) -> int:
         if state.epoch >= config["epochs"]:
             print(f"nothing to do: already at epoch {state.epoch} of {config['epochs']}")
             if args.plot is not None and history.get("epoch"):
-                return _save_plot(history, args.plot, _plotter(title))
+                return _save_plot(history, args.plot, title, plot_text_history)
             return 0
 
     layers = len(config["hidden"])
@@ -277,14 +281,13 @@ def run_text(args) -> int:
     except _CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(_interrupted(history, state.epoch, args.checkpoint_dir), file=sys.stderr)
+        return 130
     print(_summary(config, history, run_history, state.epoch, time.perf_counter() - start))
     if args.plot is not None:
-        return _save_plot(history, args.plot, _plotter(title))
+        return _save_plot(history, args.plot, title, plot_text_history)
     return 0
-
-
-def _plotter(title: str):
-    return functools.partial(plot_text_history, title=title)
 
 
 def _gradcheck_text(net, state, data, seed: int) -> bool:

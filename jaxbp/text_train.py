@@ -190,7 +190,8 @@ def fit_text(
       grad: ``"manual"`` (the hand-written BPTT) or ``"autodiff"``.
       seed: seeds the windows, an int >= 0.
       on_epoch: called as ``on_epoch(state, record)`` after each epoch.
-      progress: show a tqdm bar over the epochs with the losses.
+      progress: show a tqdm bar over the epochs with the losses (its ETA leaves
+        out the first epoch, which compiles).
       val_windows: at most this many validation windows of ``length``.
 
     Returns:
@@ -219,11 +220,7 @@ def fit_text(
     device = jax.local_devices()[0]
     history = {k: [] for k in RECORD}
     history.update(steps=0, device=f"1 × {device.device_kind}")
-    bar = None
-    if progress and state.epoch < epochs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", desc="train")
+    bar = train._EpochBar(epochs, state.epoch) if progress and state.epoch < epochs else None
     # On the device: a restored state holds NumPy arrays, for which jit would compile again.
     carry = jax.device_put((state.params, state.net_state, state.opt_state))
     start = time.perf_counter()
@@ -245,10 +242,8 @@ def fit_text(
             if on_epoch is not None:
                 on_epoch(state, record)
             if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                val=f"{record['val_loss']:.4f}",
-                                bpc=f"{record['val_bpc']:.3f}")
-                bar.update(1)
+                bar.update(state.epoch, loss=f"{record['train_loss']:.4f}",
+                           val=f"{record['val_loss']:.4f}", bpc=f"{record['val_bpc']:.3f}")
     finally:
         if bar is not None:
             bar.close()

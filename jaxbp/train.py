@@ -457,7 +457,8 @@ def fit(
         decides by the data's size; ``False`` loops over a jitted step in Python.
       on_epoch: called as ``on_epoch(state, record)`` after each epoch (e.g. to
         save a checkpoint); ``record`` holds that epoch's history entries.
-      progress: show a tqdm bar over the epochs with loss and accuracy.
+      progress: show a tqdm bar over the epochs with loss and accuracy (its ETA
+        leaves out the first epoch, which compiles).
 
     Returns:
       ``(state, history)``; ``history`` maps ``epoch``, ``step`` (optimizer steps
@@ -498,11 +499,7 @@ def fit(
     kind = first.platform if first.device_kind == first.platform else first.device_kind
     history["steps"] = 0
     history["device"] = f"{1 if mesh is None else mesh.size} × {kind}"
-    bar = None
-    if progress and state.epoch < epochs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", desc="train")
+    bar = _EpochBar(epochs, state.epoch) if progress and state.epoch < epochs else None
     run = _epochs(net, state, placed, run_epoch, steps, epochs, mesh)
     try:
         for state, record in run:  # noqa: B020 (the last state is fit's result)
@@ -512,10 +509,9 @@ def fit(
             if on_epoch is not None:
                 on_epoch(state, record)
             if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                acc=f"{record['train_accuracy']:.3f}",
-                                test_acc=f"{record['test_accuracy']:.3f}")
-                bar.update(1)
+                bar.update(state.epoch, loss=f"{record['train_loss']:.4f}",
+                           acc=f"{record['train_accuracy']:.3f}",
+                           test_acc=f"{record['test_accuracy']:.3f}")
     finally:
         if bar is not None:
             bar.close()
@@ -524,6 +520,45 @@ def fit(
 
 
 RECORD = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "time")
+
+
+class _EpochBar:
+    """A tqdm bar over the epochs ``done + 1 … epochs`` whose ETA leaves compilation out.
+
+    The first epoch of a call also compiles the epoch program, which can take
+    longer than many compiled epochs; tqdm's rate, and with it the ETA, would
+    count it for the rest of the run (its smoothing forgets it only slowly). So
+    that epoch has a bar of its own, "train (compiling)", and when it ends a new
+    bar takes over at the epochs done: its clock and rate start there, counting
+    compiled epochs only. The bars only watch the epochs (no extra or warm-up
+    run), so training gives the same results, bit for bit, with or without them.
+
+    ``update(epoch, **postfix)`` after each epoch (``epoch``: the epochs done),
+    ``close()`` at the end.
+    """
+
+    def __init__(self, epochs: int, done: int):
+        from tqdm.auto import tqdm
+
+        self._tqdm, self._epochs, self._first = tqdm, epochs, True
+        # (a bar for one epoch stays: no other replaces it)
+        self._bar = tqdm(total=epochs, initial=done, unit="epoch", desc="train (compiling)",
+                         leave=epochs - done == 1)
+
+    def update(self, epoch: int, **postfix) -> None:
+        if self._first and epoch < self._epochs:
+            self._bar.close()
+            self._bar = self._tqdm(total=self._epochs, initial=epoch, unit="epoch", desc="train")
+            self._bar.set_postfix(postfix)
+        else:
+            if self._first:
+                self._bar.set_description("train", refresh=False)
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(1)
+        self._first = False
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class _Placed(NamedTuple):

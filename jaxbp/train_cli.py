@@ -4,6 +4,8 @@ Steps: load the dataset (standardised, deterministic split), build the model,
 compare the manual gradients with autodiff on one batch (``jaxbp.gradcheck``,
 float64) and print the verdict, train with a tqdm bar over the epochs, print a
 summary, optionally save a checkpoint after every epoch and plot the curves.
+Ctrl-C during training stops with exit status 130 and one line saying which
+epoch it stopped in and which one the checkpoint keeps.
 
 The character-level models (``--model char-rnn``, ``char-lstm``, ``char-gru``)
 learn from a text instead: ``jaxbp.text_cli`` runs them.
@@ -49,20 +51,33 @@ DEFAULTS = {
     "char-lstm": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
     "char-gru": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
 }
+# The datasets read from the IDX files in --data-dir.
+IDX_DATASETS = ("mnist", "fashion-mnist")
 MLP_BN_DROPOUT = 0.1  # mlp-bn: Dense → BatchNorm → ReLU → Dropout(0.1) per hidden layer
 # A resumed run must agree on these, or its state would not fit the model.
 STRUCTURAL = ("dataset", "model", "hidden", "filters", "optimizer", "clip")
 
 
 def _per_model(name: str) -> str:
-    return "default per model: " + ", ".join(f"{m} {d[name]:g}" for m, d in DEFAULTS.items())
+    """``default: 0.001 for mlp, mlp-bn, cnn; 0.002 for char-rnn, …`` from ``DEFAULTS``,
+    the models that share a default named together."""
+    groups = {}
+    for model, defaults in DEFAULTS.items():
+        groups.setdefault(defaults[name], []).append(model)
+    if len(groups) == 1:
+        return f"default {next(iter(groups)):g} for every model"
+    return "default: " + "; ".join(f"{v:g} for {', '.join(ms)}" for v, ms in groups.items())
 
 
 def add_arguments(parser) -> None:
+    from . import text_cli  # (text_cli builds on this module)
+
     parser.add_argument("--dataset", choices=(*data.DATASETS, *text.TEXTS),
                         help="dataset to train on (default digits); the char models learn "
                         "from a text: shakespeare (their default) or --text PATH")
-    parser.add_argument("--data-dir", help="directory with the IDX files (mnist, fashion-mnist)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help=f"directory with the IDX files, required by --dataset "
+                        f"{' and '.join(IDX_DATASETS)} (and only by them)")
     parser.add_argument("--model", default="mlp", choices=sorted(DEFAULTS),
                         help="network (default mlp; mlp-bn adds BatchNorm and Dropout "
                         f"{MLP_BN_DROPOUT:g} to each hidden layer; char-rnn, char-lstm and "
@@ -81,17 +96,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=POSITIVE_FLOAT,
                         help=f"learning rate > 0 ({_per_model('lr')})")
     parser.add_argument("--epochs", type=POSITIVE_INT,
-                        help=f"total epochs, counting those of a resumed checkpoint "
-                        f"({_per_model('epochs')})")
+                        help=f"total epochs, counting those of a resumed checkpoint; a char "
+                        f"model's epoch is --steps-per-epoch steps ({_per_model('epochs')})")
     parser.add_argument("--batch-size", type=POSITIVE_INT,
-                        help=f"samples per step ({_per_model('batch_size')})")
+                        help=f"samples per step, for a char model windows of --seq-len "
+                        f"characters ({_per_model('batch_size')})")
     parser.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT,
                         help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² ({_per_model('weight_decay')})")
     parser.add_argument("--clip", type=NON_NEGATIVE_FLOAT,
                         help="clip the gradient to this global norm before the optimizer "
-                        "(optax.clip_by_global_norm); 0: no clipping (default 1 for the char "
-                        "models, none for the others)")
-    parser.add_argument("--seed", type=SEED, default=0, help="seeds initialisation and shuffling")
+                        f"(optax.clip_by_global_norm); 0: no clipping (default "
+                        f"{text_cli.TEXT_DEFAULTS['clip']:g} for the char models, none for the "
+                        f"others)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seeds initialisation and shuffling (for a char model, the random "
+                        "windows); default 0")
     parser.add_argument("--checkpoint-dir",
                         help="save a checkpoint here after every epoch (created if missing); "
                         "one already there is an error unless --resume continues it")
@@ -99,11 +118,12 @@ def add_arguments(parser) -> None:
                         help="continue from the checkpoint in --checkpoint-dir")
     parser.add_argument("--plot", metavar="PATH",
                         help="save loss and accuracy curves (a char model's: train and "
-                        "validation loss) at PATH, in the format of its extension (png, pdf, "
-                        "svg, ...); PATH.png when it has none")
+                        "validation loss), titled with the dataset and model, at PATH, in the "
+                        "format of its extension (png, pdf, svg, ...); PATH.png when it has none")
     parser.add_argument("--devices", type=POSITIVE_INT,
-                        help="devices for data parallelism (default: all visible); with "
-                        "several processes a multiple of their count, the same number from each")
+                        help="devices for data parallelism (default: all visible; a char model "
+                        "trains on one); with several processes a multiple of their count, the "
+                        "same number from each")
     several = parser.add_argument_group(
         "several processes (hosts)",
         "Any of these calls jax.distributed.initialize() first; what is not given JAX takes "
@@ -122,8 +142,6 @@ def add_arguments(parser) -> None:
                          "describes (no other option needed there)")
     parser.add_argument("--skip-gradcheck", action="store_true",
                         help="train without checking the gradients first")
-    from . import text_cli  # (text_cli builds on this module)
-
     text_cli.add_arguments(parser)
 
 
@@ -142,9 +160,16 @@ def _config(args) -> dict:
     from . import text_cli
 
     text_cli.check_not_given(args)
+    dataset = args.dataset or "digits"
+    if dataset in IDX_DATASETS and args.data_dir is None:
+        raise ValueError(f"train: --dataset {dataset} needs --data-dir DIR, the directory with "
+                         f"its four IDX files (train-images-idx3-ubyte[.gz], …); got no --data-dir")
+    if dataset not in IDX_DATASETS and args.data_dir is not None:
+        raise ValueError(f"train: --data-dir applies to the IDX datasets "
+                         f"({', '.join(IDX_DATASETS)}), not to --dataset {dataset}")
     defaults = DEFAULTS[args.model]
     config = {
-        "dataset": args.dataset or "digits",
+        "dataset": dataset,
         "model": args.model,
         "hidden": None,
         "filters": None,
@@ -334,8 +359,8 @@ def plot_path(path: str) -> str:
     return path if os.path.splitext(path)[1] else path + ".png"
 
 
-def plot_history(history: dict, path: str) -> str:
-    """Loss and accuracy per epoch, train and test; returns the file written.
+def plot_history(history: dict, path: str, title: str) -> str:
+    """Loss and accuracy per epoch, train and test, under ``title``; returns the file written.
 
     The format follows ``path``'s extension; without one, ``path + ".png"``.
     """
@@ -355,6 +380,7 @@ def plot_history(history: dict, path: str) -> str:
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     path = plot_path(path)
     fig.savefig(path, dpi=100)
@@ -368,14 +394,14 @@ _READY = "training"
 _SEVERAL = ("coordinator", "num_processes", "process_id")
 
 
-def _save_plot(history: dict, path: str, plot=plot_history) -> int:
-    """``plot(history, path)``; the exit status (1 when the file cannot be written)."""
+def _save_plot(history: dict, path: str, title: str, plot=plot_history) -> int:
+    """``plot(history, path, title)``; the exit status (1 when the file cannot be written)."""
     import jax
 
     if jax.process_index() != 0:  # one writer when several hosts train
         return 0
     try:
-        print(f"saved curves to {plot(history, path)}")
+        print(f"saved curves to {plot(history, path, title)}")
     except OSError as err:  # e.g. the disk filled up during training
         print(f"error: train: --plot: cannot write {plot_path(path)}: {err.strerror or err}",
               file=sys.stderr)
@@ -465,7 +491,7 @@ def _run(args) -> int:
         if state.epoch >= config["epochs"]:
             print(f"nothing to do: already at epoch {state.epoch} of {config['epochs']}")
             if args.plot is not None and history.get("epoch"):
-                return _save_plot(history, args.plot)
+                return _save_plot(history, args.plot, _title(config))
             return 0
 
     print(
@@ -505,10 +531,18 @@ def _run(args) -> int:
     except _CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(_interrupted(history, state.epoch, args.checkpoint_dir), file=sys.stderr)
+        return 130
     print(_summary(history, run_history, state.epoch, time.perf_counter() - start))
     if args.plot is not None:
-        return _save_plot(history, args.plot)
+        return _save_plot(history, args.plot, _title(config))
     return 0
+
+
+def _title(config: dict) -> str:
+    """The curves' title: dataset and model, e.g. ``digits · mlp``."""
+    return f"{config['dataset']} · {config['model']}"
 
 
 def _report_divergence(err, ckpt) -> None:
@@ -523,6 +557,23 @@ def _report_divergence(err, ckpt) -> None:
     else:
         print("nothing was saved (pass --checkpoint-dir to keep the last good epoch)",
               file=sys.stderr)
+
+
+def _interrupted(history: dict, start: int, directory: str | None) -> str:
+    """The line for Ctrl-C during training: the epoch it stopped in and what is kept.
+
+    ``history`` holds the epochs ``_recorder`` has recorded (and, given a checkpoint,
+    saved); ``start`` is the epoch training started from; ``directory`` is
+    ``--checkpoint-dir``.
+    """
+    done = history["epoch"][-1] if history.get("epoch") else start
+    line = f"interrupted at epoch {done + 1}"
+    if directory is None:
+        return f"{line}; nothing was saved (pass --checkpoint-dir to keep finished epochs)"
+    if not done:
+        return f"{line}; nothing was saved yet, so {directory} holds no checkpoint"
+    return (f"{line}; checkpoint of epoch {done} kept in {directory}; rerun with --resume to "
+            f"continue")
 
 
 def _resume(ckpt: str, config: dict, like, structural=STRUCTURAL):
@@ -546,22 +597,23 @@ def _resume(ckpt: str, config: dict, like, structural=STRUCTURAL):
 
 
 def _recorder(ckpt, config: dict, history: dict):
-    """``fit``'s ``on_epoch``: record the epoch in ``history`` and save the checkpoint.
+    """``fit``'s ``on_epoch``: save the checkpoint, then record the epoch in ``history``.
 
     Process 0 writes; with a checkpoint, every process then agrees on whether the
     write succeeded, so the others stop with the writer instead of waiting for it.
+    ``history`` gains the epoch last, so it holds exactly the epochs that were
+    saved, even when Ctrl-C stops a save.
     """
     import jax
 
     from . import checkpoint, parallel
 
     def on_epoch(state, record):
-        for k, v in record.items():
-            history.setdefault(k, []).append(v)
+        recorded = {**history, **{k: [*history.get(k, []), v] for k, v in record.items()}}
         problem = None
         if ckpt and jax.process_index() == 0:  # one writer when several hosts train
             try:
-                checkpoint.save(ckpt, state, config=config, history=history)
+                checkpoint.save(ckpt, state, config=config, history=recorded)
             except OSError as err:  # disk full, permissions: stop, naming the file
                 problem = f"train: cannot write the checkpoint {ckpt}: {err}"
         if ckpt:
@@ -571,6 +623,7 @@ def _recorder(ckpt, config: dict, history: dict):
                 problem = str(err)
         if problem:
             raise _CheckpointWriteError(problem)
+        history.update(recorded)
 
     return on_epoch
 

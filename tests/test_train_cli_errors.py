@@ -106,9 +106,9 @@ def test_plot_format_follows_the_extension(tmp_path):
 
     history = {"epoch": [1, 2], "train_loss": [1.0, 0.5], "test_loss": [1.1, 0.6],
                "train_accuracy": [0.5, 0.7], "test_accuracy": [0.4, 0.6]}
-    assert plot_history(history, str(tmp_path / "c.svg")) == str(tmp_path / "c.svg")
+    assert plot_history(history, str(tmp_path / "c.svg"), "iris · mlp") == str(tmp_path / "c.svg")
     assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:500]
-    assert plot_history(history, str(tmp_path / "c")) == str(tmp_path / "c.png")
+    assert plot_history(history, str(tmp_path / "c"), "iris · mlp") == str(tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -118,8 +118,8 @@ def test_help_states_the_defaults(capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split()).replace("mlp- bn", "mlp-bn")  # (wrapped)
     for expected in ("(default digits)", "(default mlp; mlp-bn adds BatchNorm and Dropout 0.1",
-                     "(default adam)", "default per model: mlp 0.001, mlp-bn 0.001, cnn 0.001",
-                     "default per model: mlp 30, mlp-bn 30, cnn 25"):
+                     "(default adam)", "default: 0.001 for mlp, mlp-bn, cnn; 0.002 for",
+                     "default: 30 for mlp, mlp-bn; 25 for cnn; 10 for"):
         assert expected in text
 
 
