@@ -176,3 +176,34 @@ def char_rnn(vocab_size, cell="lstm", hidden=256, embed=64, num_layers=1, weight
              *[CELLS[cell](hidden) for _ in range(num_layers)],
              layers.Dense(vocab_size, init="glorot_normal")]
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+
+
+def gpt(vocab_size, context=64, d_model=128, num_heads=4, num_layers=4, *, tied=False,
+        dropout=0.0, backward="standard", weight_decay=0.0):
+    """A GPT: token and position embeddings, pre-LN transformer blocks, LayerNorm, a linear head.
+
+    ``Embedding(vocab_size, d_model) → PositionEmbedding(context, d_model) →
+    TransformerBlock × num_layers → LayerNorm → Dense(vocab_size, no bias)``, with
+    causal attention and softmax cross-entropy at every position. ``tied=True``
+    uses the token embedding, transposed, as the head (``layers.TiedEmbedding``
+    around the rest: its gradient sums both uses). Input: ids (batch, time) with
+    time ≤ context; output: logits (batch, time, vocab_size). Embeddings start as
+    N(0, 0.02²), GPT-2's.
+
+    Example:
+      >>> net = gpt(65, context=32, d_model=16, num_heads=2, num_layers=2, tied=True)
+      >>> [layer.name for layer in net.layers], net.output_shape((32,))
+      (['TiedEmbedding'], (32, 65))
+    """
+    check_int("gpt", "num_layers", num_layers)
+    middle = [layers.PositionEmbedding(context, d_model),
+              *[layers.TransformerBlock(num_heads, dropout=dropout, backward=backward)
+                for _ in range(num_layers)],
+              layers.LayerNorm()]
+    if tied:
+        stack = [layers.TiedEmbedding(vocab_size, d_model, std=0.02,
+                                      body=Sequential(middle))]
+    else:
+        stack = [layers.Embedding(vocab_size, d_model, std=0.02), *middle,
+                 layers.Dense(vocab_size, use_bias=False, init="glorot_normal")]
+    return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)

@@ -1,17 +1,19 @@
 """Layers: each is ``init`` / ``forward`` / ``backward`` (see ``jaxbp.layers.base``)."""
 
 from .activations import ELU, GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
+from .attention import MultiHeadAttention
 from .base import Context, Layer
 from .batchnorm import BatchNorm
 from .combinators import Residual, Sequential
 from .conv import Conv2D
 from .dense import Dense
 from .dropout import Dropout
-from .embedding import Embedding
+from .embedding import Embedding, TiedEmbedding
 from .flatten import Flatten
 from .norm import LayerNorm, RMSNorm
 from .pool import AvgPool2D, MaxPool2D
 from .recurrent import GRU, LSTM, RNN
+from .transformer import PositionEmbedding, TransformerBlock
 
 __all__ = [
     "Layer",
@@ -28,6 +30,10 @@ __all__ = [
     "BatchNorm",
     "Dropout",
     "Embedding",
+    "MultiHeadAttention",
+    "TiedEmbedding",
+    "PositionEmbedding",
+    "TransformerBlock",
     "RNN",
     "LSTM",
     "GRU",

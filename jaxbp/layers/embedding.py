@@ -9,7 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import Layer, check_array, check_int, check_params, default_float_dtype
+from .base import (
+    Layer,
+    at_path,
+    call,
+    call_backward,
+    check_array,
+    check_int,
+    check_params,
+    check_real,
+    default_float_dtype,
+)
 
 
 class EmbeddingResiduals(NamedTuple):
@@ -31,6 +41,7 @@ class Embedding(Layer):
     Args:
       vocab_size: the number of distinct ids.
       dim: the size of each embedding vector.
+      std: the standard deviation of the initial ``W`` (1: PyTorch's; GPT-2 uses 0.02).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -45,6 +56,7 @@ class Embedding(Layer):
 
     vocab_size: int
     dim: int
+    std: float = 1.0
 
     decay_keys = ("W",)  # a weight matrix: weight decay applies to it, as to Dense's W
 
@@ -53,18 +65,22 @@ class Embedding(Layer):
         check_int("Embedding", "dim", self.dim)
         object.__setattr__(self, "vocab_size", int(self.vocab_size))
         object.__setattr__(self, "dim", int(self.dim))
+        object.__setattr__(self, "std", check_real("Embedding", "std", self.std, 0, strict=True))
 
     def init(self, key, input_shape, dtype=None):
         input_shape = tuple(input_shape)
         for axis, size in enumerate(input_shape):
             check_int("Embedding", f"input_shape[{axis}]", size)
         W = jax.random.normal(key, (self.vocab_size, self.dim), dtype or default_float_dtype())
-        return {"W": W}, {}, (*input_shape, self.dim)
+        return {"W": self.std * W}, {}, (*input_shape, self.dim)
 
     def check(self, params, state, x, ctx):
-        check_params("Embedding", params, {"W": ((self.vocab_size, self.dim),
-                                                 "(vocab_size, dim)")})
-        check_params("Embedding", state, {}, "state")
+        check_params(self.name, params, {"W": ((self.vocab_size, self.dim),
+                                               "(vocab_size, dim)")})
+        check_params(self.name, state, {}, "state")
+        self._check_ids(x)
+
+    def _check_ids(self, x):
         check_array("Embedding", "input ids", x)
         if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim < 1:
             raise ValueError(f"Embedding: input ids must be an integer array (batch, …); got "
@@ -100,3 +116,92 @@ class Embedding(Layer):
         ids = jnp.where(ids >= 0, ids, self.vocab_size)  # (a negative index would wrap around)
         dW = jnp.zeros_like(params["W"]).at[ids].add(dy.reshape(-1, self.dim), mode="drop")
         return {"W": dW}, None
+
+
+class TiedResiduals(NamedTuple):
+    ids: jax.Array  # the integer input, (batch, …)
+    h: jax.Array  # the body's output, (batch, …, dim)
+    body: object  # the body's residuals
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class TiedEmbedding(Embedding):
+    """``logits = body(W[ids]) Wᵀ``: one table embeds the ids and is the output projection.
+
+    GPT-2's weight tying: ``W`` (vocab_size, dim) both looks up each id's vector
+    and, transposed, maps the body's output (batch, …, dim) to logits (batch, …,
+    vocab_size). ``W`` is used twice, so its gradient is the sum of both uses:
+
+      dW = Σ_p dlogits[p]ᵀ h[p]  +  Σ_{p: ids[p] = v} de[p]  (row v)   (vocab_size, dim)
+
+    with ``dh = dlogits W`` going down through the body, which returns ``de``.
+    Params ``{"W", "body"}``; state and residuals of the body are nested.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbp import layers
+      >>> tied = TiedEmbedding(7, 4, body=layers.LayerNorm())
+      >>> params, state, out_shape = tied.init(jax.random.key(0), (5,))
+      >>> sorted(params), out_shape
+      (['W', 'body'], (5, 7))
+    """
+
+    body: Layer = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.body, Layer):
+            raise ValueError(f"TiedEmbedding: body must be a jaxbp layer mapping (…, dim) to "
+                             f"(…, dim); got {type(self.body).__name__}")
+
+    @property
+    def stateful(self) -> bool:
+        return self.body.stateful
+
+    @property
+    def stochastic(self) -> bool:
+        return self.body.stochastic
+
+    def init(self, key, input_shape, dtype=None):
+        k_emb, k_body = jax.random.split(key)
+        table, _, shape = super().init(k_emb, input_shape, dtype)
+        with at_path("body"):
+            body, state, out = self.body.init(k_body, shape, dtype)
+        if tuple(out) != tuple(shape):
+            raise ValueError(f"TiedEmbedding: the body maps {tuple(shape)} to {tuple(out)}; the "
+                             f"tied projection needs (…, {self.dim})")
+        return {"W": table["W"], "body": body}, state, (*input_shape, self.vocab_size)
+
+    def check(self, params, state, x, ctx):
+        if not isinstance(params, dict) or sorted(params) != ["W", "body"]:
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"TiedEmbedding: params must have the keys ['W', 'body']; got {got}")
+        check_params(self.name, {"W": params["W"]}, {"W": ((self.vocab_size, self.dim),
+                                                           "(vocab_size, dim)")})
+        self._check_ids(x)
+
+    def forward(self, params, state, x, ctx):
+        e, _, _ = super().forward({"W": params["W"]}, {}, x, ctx)
+        h, state, body = call(self.body, "body", params["body"], state, e, ctx)
+        return h @ params["W"].T, state, TiedResiduals(ids=x, h=h, body=body)
+
+    def backward(self, params, residuals, dy):
+        """Down through the projection, the body and the lookup; both uses of W summed."""
+        lead = tuple(range(dy.ndim - 1))
+        dW_out = jnp.tensordot(dy, residuals.h, axes=(lead, lead))  # (vocab_size, dim)
+        dbody, de = call_backward(self.body, "body", params["body"], residuals.body,
+                                  dy @ params["W"])
+        dW_in, _ = super().backward({"W": params["W"]}, EmbeddingResiduals(residuals.ids), de)
+        return {"W": dW_out + dW_in["W"], "body": dbody}, None
+
+    def decayed(self, params):
+        return {"W": True, "body": self.body.decayed(params["body"])}
+
+    def empty_state(self):
+        return self.body.empty_state()
+
+    def param_paths(self, params, path: str):
+        return {"W": f"{path}.W", "body": self.body.param_paths(params["body"], f"{path}.body")}
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.vocab_size}, {self.dim}, body={self.body!r})"
