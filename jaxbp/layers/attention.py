@@ -159,14 +159,62 @@ class MultiHeadAttention(Layer):
         valid = jnp.ones((B, T), bool) if given is None else given
         qkv = seq @ params["Wqkv"] + per_feature(params["bqkv"], 3)
         q, k, v = (self._heads(a) for a in jnp.split(qkv, 3, axis=-1))
-        allowed = self._allowed(valid, T, jnp.arange(T))
-        P, lse = _softmax(q @ jnp.swapaxes(k, -1, -2) / math.sqrt(C // self.num_heads), allowed)
-        O = (P @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-        y = O @ params["Wo"] + per_feature(params["bo"], 3)
+        scale = 1 / math.sqrt(C // self.num_heads)
+        merge = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, C)  # noqa: E731
         if self.backward_mode == "lean":
+            O, lse = self._online_softmax(q, k, v, valid, scale)
+            y = merge(O) @ params["Wo"] + per_feature(params["bo"], 3)
             return y, state, LeanAttentionResiduals(x=seq, valid=given, q=q, k=k, v=v, lse=lse,
-                                                    O=O)
+                                                    O=merge(O))
+        P, _ = _softmax(q @ jnp.swapaxes(k, -1, -2) * scale, self._allowed(valid, T, jnp.arange(T)))
+        O = merge(P @ v)
+        y = O @ params["Wo"] + per_feature(params["bo"], 3)
         return y, state, AttentionResiduals(x=seq, valid=given, q=q, k=k, v=v, P=P, O=O)
+
+    def _blocks(self, a, T):
+        """Keys or values (B, H, T, d) as ``block_size`` blocks (n, B, H, block_size, d)."""
+        B, H, _, d = a.shape
+        n = -(-T // self.block_size)
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, n * self.block_size - T), (0, 0)))
+        return a.reshape(B, H, n, self.block_size, d).transpose(2, 0, 1, 3, 4)
+
+    def _valid_blocks(self, valid, T):
+        """The padding mask (B, T) as blocks (n, B, block_size); padded keys are invalid."""
+        n = -(-T // self.block_size)
+        valid = jnp.pad(valid, ((0, 0), (0, n * self.block_size - T)))
+        return valid.reshape(valid.shape[0], n, self.block_size).transpose(1, 0, 2)
+
+    def _online_softmax(self, q, k, v, valid, scale):
+        """``(O, lse)`` without the (T, T) matrix: keys a block at a time, FlashAttention-style.
+
+        Per query row, a running maximum m, sum l = Σ exp(S − m) and output
+        a = Σ exp(S − m) v; a new block with maximum m' rescales both by exp(m − m').
+        At the end O = a / l and lse = m + log l (+inf for a row with no allowed key).
+        """
+        T = q.shape[2]
+
+        def block(carry, inputs):
+            m, l, a = carry
+            k_j, v_j, valid_j, j = inputs
+            allowed = self._allowed(valid_j, T, j * self.block_size + jnp.arange(self.block_size))
+            S = q @ jnp.swapaxes(k_j, -1, -2) * scale  # (B, H, T, block)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(allowed, S, -jnp.inf), axis=-1))
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0)[..., None]
+            p = jnp.exp(jnp.where(allowed, S - shift, -jnp.inf))
+            rescale = jnp.exp(jnp.where(jnp.isfinite(m), m - shift[..., 0], -jnp.inf))
+            return (m_new, l * rescale + jnp.sum(p, axis=-1),
+                    a * rescale[..., None] + p @ v_j), None
+
+        start = (jnp.full(q.shape[:3], -jnp.inf, q.dtype), jnp.zeros(q.shape[:3], q.dtype),
+                 jnp.zeros_like(q))
+        n = -(-T // self.block_size)
+        (m, l, a), _ = jax.lax.scan(block, start, (self._blocks(k, T), self._blocks(v, T),
+                                                   self._valid_blocks(valid, T), jnp.arange(n)))
+        seen = l > 0
+        O = a / jnp.where(seen, l, 1)[..., None]
+        lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0) + jnp.log(jnp.where(seen, l, 1)),
+                        jnp.inf)
+        return O, lse
 
     # ------------------------------------------------------------ backward
     def backward(self, params, residuals, dy):
@@ -200,31 +248,26 @@ class MultiHeadAttention(Layer):
 
     def _lean_core(self, r, dO, delta, scale):
         """dQ, dK, dV with P = exp(S − lse) recomputed for ``block_size`` keys at a time."""
-        B, H, T, d = r.q.shape
-        n, size = -(-T // self.block_size), self.block_size
-        pad = n * size - T  # padded keys are invalid: they get P = 0
-
-        def blocks(a):  # (B, H, T, d) → (n, B, H, size, d)
-            a = jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0)))
-            return a.reshape(B, H, n, size, d).transpose(2, 0, 1, 3, 4)
-
-        valid = jnp.ones((B, T), bool) if r.valid is None else r.valid
-        valid = jnp.pad(valid, ((0, 0), (0, pad))).reshape(B, n, size).transpose(1, 0, 2)
+        T = r.q.shape[2]
+        valid = jnp.ones(r.q.shape[:1] + (T,), bool) if r.valid is None else r.valid
 
         def block(dq, inputs):
-            k_j, v_j, valid_j, j = inputs  # keys j·size … (j + 1)·size − 1
-            allowed = self._allowed(valid_j, T, j * size + jnp.arange(size))
-            S = r.q @ jnp.swapaxes(k_j, -1, -2) * scale  # (B, H, T, size)
-            P = jnp.where(allowed, jnp.exp(S - r.lse[..., None]), 0)
+            k_j, v_j, valid_j, j = inputs  # keys j·block_size … (j + 1)·block_size − 1
+            allowed = self._allowed(valid_j, T, j * self.block_size + jnp.arange(self.block_size))
+            S = r.q @ jnp.swapaxes(k_j, -1, -2) * scale  # (B, H, T, block)
+            P = jnp.exp(jnp.where(allowed, S - r.lse[..., None], -jnp.inf))
             dS = P * (dO @ jnp.swapaxes(v_j, -1, -2) - delta[..., None])
             dk_j = jnp.swapaxes(dS, -1, -2) @ r.q * scale
             return dq + dS @ k_j * scale, (dk_j, jnp.swapaxes(P, -1, -2) @ dO)
 
+        n = -(-T // self.block_size)
         dq, (dk, dv) = jax.lax.scan(block, jnp.zeros_like(r.q),
-                                    (blocks(r.k), blocks(r.v), valid, jnp.arange(n)))
+                                    (self._blocks(r.k, T), self._blocks(r.v, T),
+                                     self._valid_blocks(valid, T), jnp.arange(n)))
 
-        def unblock(a):  # (n, B, H, size, d) → (B, H, T, d)
-            return a.transpose(1, 2, 0, 3, 4).reshape(B, H, n * size, d)[:, :, :T]
+        def unblock(a):  # (n, B, H, block_size, d) → (B, H, T, d)
+            B, H, d = a.shape[1], a.shape[2], a.shape[4]
+            return a.transpose(1, 2, 0, 3, 4).reshape(B, H, n * self.block_size, d)[:, :, :T]
 
         return dq, unblock(dk), unblock(dv)
 
@@ -241,7 +284,7 @@ def _softmax(S, allowed):
     """
     m = jnp.max(jnp.where(allowed, S, -jnp.inf), axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0)
-    e = jnp.where(allowed, jnp.exp(S - m), 0)
+    e = jnp.exp(jnp.where(allowed, S - m, -jnp.inf))  # (masked: exp(−inf) = 0, never inf)
     total = jnp.sum(e, axis=-1, keepdims=True)
     P = e / jnp.where(total > 0, total, 1)
     lse = jnp.where(total > 0, m + jnp.log(jnp.where(total > 0, total, 1)), jnp.inf)
