@@ -34,12 +34,15 @@ alike. Many short rounds pair the variants closely in time, so the per-round
 ratios cancel a machine's drift better than a few long rounds do.
 
 A row reports the median time per step over the rounds and the spread (half
-the inter-quartile range, relative to the median). ``×autodiff`` and ``%peak``
-are medians of per-round ratios, each between two variants timed in the same
-round; ``IQR`` gives the quartiles of the ``×autodiff`` ratios: when they
+the inter-quartile range, relative to the median). ``×autodiff`` is the median
+of per-round ratios, each between two variants timed in the same round (so not
+the ratio of the medians); ``IQR`` gives the quartiles of those ratios: when they
 straddle 1.00, the two variants are equally fast within the machine's noise.
+The JSON's ``fraction_of_peak`` is likewise a median of per-round ratios (of
+the row's rate to the matmul's).
 FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
-median time`` and ``%peak`` divides it by the matmul's rate. XLA counts a loop's
+median time``, and the table's ``%peak`` divides it by the matmul row's
+``GFLOP/s``, so that it follows from the figures printed. XLA counts a loop's
 body once, however often it runs, so for a model whose program loops (a
 ``lax.scan``: ``char-lstm``) the FLOPs are instead the matmuls of the program's
 jaxpr, ``2·M·N·K`` per product, each scan body's times its length (``_matmul_flops``;
@@ -85,6 +88,7 @@ import functools
 import json
 import math
 import statistics
+import textwrap
 import time
 from collections.abc import Callable
 
@@ -584,27 +588,70 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "" if value is None else format(value * scale, spec)
 
 
+def _is_peak(variant: str) -> bool:
+    """Whether ``variant`` is the ``matmul n²`` row (``matmuls`` is a model's own)."""
+    return variant.startswith("matmul ")
+
+
+def _legend(result: dict) -> list[str]:
+    """A line per column of ``format_table``, and the counts behind GFLOP and tok/s."""
+    entries = [
+        "model, variant: what is timed (jaxbp bench --help lists the variants)",
+        "ms/step: the median over the rounds of the time per step",
+        "±: half the inter-quartile range of those times, relative to the median",
+        "×autodiff: the median over the rounds of the row's time / autodiff's time in the same "
+        "round (not ms/step ÷ autodiff's ms/step); IQR: the quartiles of those ratios, an IQR "
+        "that straddles 1.00 means as fast as autodiff within the machine's noise; both blank "
+        "for the matmul peak",
+        "compile s: trace + lower + compile of the row's program",
+        "GFLOP: the FLOPs of one step, from XLA's cost analysis",
+    ]
+    counted = [m["model"] for m in result["models"] if m["flops_count"] != "xla"]
+    if counted:
+        entries.append(f"GFLOP of {', '.join(counted)}: the jaxpr's matmuls, each scan body times "
+                       f"its length (XLA's count takes a loop body once)")
+    entries += [
+        "GFLOP/s: GFLOP / time per step (GFLOP × 1000 / ms/step)",
+        "%peak: GFLOP/s ÷ the GFLOP/s of the model's matmul row",
+        "temp MiB: XLA's temporary memory of the compiled program (parameters, inputs and "
+        "outputs excluded)",
+        "steps/s: 1000 / ms/step",
+    ]
+    tokens = {m["model"]: m["tokens_per_step"] for m in result["models"] if m["tokens_per_step"]}
+    per_step = ", ".join(f"{name} {n}" for name, n in tokens.items())
+    entries.append("tok/s: batch × T positions per step × steps/s, for a sequence model"
+                   + (f"; per step: {per_step}" if tokens else ""))
+    return [line for entry in entries
+            for line in textwrap.wrap(entry, 100, subsequent_indent="  ", break_on_hyphens=False)]
+
+
 def format_table(result: dict) -> str:
-    """The aligned table ``jaxbp bench`` prints, a line per model below it, and a legend."""
+    """The aligned table ``jaxbp bench`` prints, a legend of its columns, and a line per model."""
     head = ("model", "variant", "ms/step", "±", "×autodiff", "IQR", "compile s", "GFLOP",
             "GFLOP/s", "%peak", "temp MiB", "steps/s", "tok/s")
     lines = [f"device {result['device']} · dtype {result['dtype']} · jax {result['jax']}"]
     table = [head]
     for m in result["models"]:
+        peak = m["peak_flops_per_s"]
         for row in m["rows"]:
+            # The matmul peak is no step of the model: no ratio to its autodiff.
+            ratio = not _is_peak(row["variant"])
+            rate = row["flops_per_s"]
             table.append((
                 m["model"], row["variant"], _fmt(row["time_s"], ".3f", 1e3),
-                _fmt(row["spread"], ".1%"), _fmt(row["ratio_to_autodiff"], ".3f"),
-                "–".join(format(q, ".2f") for q in row["ratio_iqr"]),
-                _fmt(row["compile_s"], ".2f"), _fmt(row["flops"], ".3f", 1e-9),
-                _fmt(row["flops_per_s"], ".1f", 1e-9), _fmt(row["fraction_of_peak"], ".0%"),
+                _fmt(row["spread"], ".1%"),
+                _fmt(row["ratio_to_autodiff"] if ratio else None, ".3f"),
+                "–".join(format(q, ".2f") for q in row["ratio_iqr"]) if ratio else "",
+                _fmt(row["compile_s"], ".2f"), _fmt(row["flops"], ".3g", 1e-9),
+                _fmt(rate, ".1f", 1e-9), _fmt(rate / peak if rate and peak else None, ".0%"),
                 _fmt(row["temp_bytes"], ".2f", 2**-20), _fmt(row["steps_per_s"], ".0f"),
                 _fmt(row["tokens_per_s"], ".0f"),
             ))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for r in table:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+    lines += _legend(result)
     for m in result["models"]:
         errors = ", ".join(f"{k} {v:.1e}" for k, v in m["grad_rel_error"].items())
         lines.append(f"{m['model']}: batch {m['batch']}, grad err vs {m['grad_reference']} "
@@ -614,15 +661,6 @@ def format_table(result: dict) -> str:
             times = ", ".join(f"T={t} {s:.2f} s" for t, s in m["compile_s_by_length"].items())
             lines.append(f"{m['model']}: compile of manual at {times} (the least of 2 each; "
                          f"lax.scan: the program does not grow with T)")
-    tokens = {m["model"]: m["tokens_per_step"] for m in result["models"] if m["tokens_per_step"]}
-    if tokens:
-        per_step = ", ".join(f"{name} {n}" for name, n in tokens.items())
-        lines.append(f"tok/s: tokens (batch × T positions) per step / time per step; tokens "
-                     f"per step: {per_step}")
-    counted = [m["model"] for m in result["models"] if m["flops_count"] != "xla"]
-    if counted:
-        lines.append(f"GFLOP of {', '.join(counted)}: the jaxpr's matmuls, each scan body times "
-                     f"its length (XLA's count takes a loop body once)")
     return "\n".join(lines)
 
 
@@ -654,7 +692,45 @@ def _json_path(path: str) -> str:
     return path
 
 
+_EPILOG = """\
+variants (the table's rows):
+  manual      jitted net.manual_value_and_grad: the hand-written backward
+  autodiff    jitted jax.value_and_grad(net.loss)
+  remat k     manual_value_and_grad(..., remat_every=k): stores every k-th
+              layer input and recomputes the rest (not for char-lstm)
+  matmuls     dense nets: the step's matmuls alone, same shapes and operand
+              layouts, nothing between them; a reference, not a bound: XLA
+              schedules a bare chain of dots differently (on deep-mlp XLA:CPU
+              has run it from as fast as the whole step to 1.13× slower)
+  train       a full optax step, called in a Python loop
+  scan        fit's fused epoch: the same step in a lax.scan (time per step)
+  matmul n²   an n×n by n×n matmul of the same dtype: the device's peak
+  pytorch     PyTorch's eager training step of the same architecture
+
+timing: every variant is warmed up, then the variants take turns in
+interleaved rounds, so that a busy machine slows every variant alike.
+×autodiff and its IQR are the median and quartiles of per-round ratios: they
+vary much less from run to run than the times, which differ by several
+percent between repeat runs. The printed legend explains every column.
+
+precision: timings use JAX's default matmul precision (on GPUs float32
+matmuls may run as TF32); grad err is computed under
+jax.default_matmul_precision("highest"). For bfloat16 the reference is
+autodiff in float32, and autodiff's own bfloat16 gradient gets an error too:
+its bias sums accumulate in bfloat16, while jnp.sum in the hand-written
+backward accumulates in float32.
+
+memory on CPUs: XLA allocates a program's temporary memory afresh in every
+call and glibc serves large blocks with new pages, which fault on first
+touch (char-lstm's manual step: 15–25% of its time; the fused epoch
+allocates once). MALLOC_MMAP_THRESHOLD_=2000000000
+MALLOC_TRIM_THRESHOLD_=20000000000 in the environment removes them.
+"""
+
+
 def add_arguments(parser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # (the epilog's layout)
+    parser.epilog = _EPILOG
     parser.add_argument("--models", type=_models, default=list(MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)} (default all)")
     parser.add_argument("--batch", type=POSITIVE_INT,

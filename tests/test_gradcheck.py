@@ -76,8 +76,10 @@ def test_failing_report_names_leaf_in_text_html_and_verdict(broken):
     assert "FAIL: first divergence from the output: layers[4] (DenseBiasNotSummed)" in text
     assert re.search(r"^layers\[4\]\.b .* FAIL$", text, re.M)
     html = broken._repr_html_()
-    assert html.count("<tr") == 1 + len(broken.rows) + 1  # header, rows, signals heading
-    assert re.search(r'<tr style="color:#b00020[^>]*><td>layers\[4\]\.b</td>', html)
+    # header, rows, signals heading, one line below the failing row with its detail
+    assert html.count("<tr") == 1 + len(broken.rows) + 1 + 1
+    assert re.search(r'<tr style="color:#b00020[^>]*><td[^>]*>layers\[4\]\.b</td>', html)
+    assert "&#8627; manual ≠ autodiff (rel err" in html
     assert "first divergence from the output" in html
 
 
@@ -373,7 +375,10 @@ def test_a_wrong_nested_layer_is_named_by_its_nested_path_in_every_format():
     assert "first divergence from the output: layers[1].body.layers[0] (DenseBiasNotSummed)" in (
         str(report))
     assert GradReport.from_dict(json.loads(report.to_json())) == report
-    assert re.search(r'<td>layers\[1\]\.body\.layers\[0\]\.b</td>', report._repr_html_())
+    assert re.search(r'<td[^>]*>layers\[1\]\.body\.layers\[0\]\.b</td>', report._repr_html_())
+    # the text table names a nested row inside its block, on the line below the block's path
+    assert re.search(r"^layers\[1\]\.body\.\n(  .*\n)*  layers\[0\]\.b .* FAIL$", str(report),
+                     re.M)
 
 
 def test_gradcheck_of_state_and_dropout_needs_state_and_key():
