@@ -25,6 +25,7 @@ EXPECTED = [
     "06_training",
     "07_state_and_randomness",
     "08_backprop_through_time",
+    "09_write_your_own_layer",
 ]
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
