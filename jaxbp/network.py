@@ -20,6 +20,7 @@ from .layers.base import (
     Layer,
     call,
     call_backward,
+    check_contract,
     check_memory,
     check_numeric,
     check_real,
@@ -150,8 +151,7 @@ class Model:
     weight_decay: float = 0.0
 
     def __init__(self, body: Layer, loss: Loss, weight_decay: float = 0.0):
-        if not isinstance(body, Layer):
-            raise ValueError(f"Model: body must be a jaxbp layer; got {type(body).__name__}")
+        check_contract("Model: body", body)
         if not isinstance(body, Sequential):
             body = Sequential([body])
         if not isinstance(loss, Loss):

@@ -20,18 +20,25 @@ of ``y``; ``dx`` is ∂L/∂x with the shape of ``x`` (inputs may be tuples of
 arrays, and then ``dx`` is the matching tuple).
 
 ``forward`` and ``backward`` are the math only: a container (``Sequential``,
-``Residual``, the model) calls ``check`` once, at trace time, before each
-child's ``forward`` through :func:`call`, which also puts the child's nested
-path (``layers[3].body.layers[1]``) in front of any error.
+``Residual``, the model) checks each child's methods when it is built
+(:func:`check_contract`), then calls its ``init``, ``check`` and ``forward``,
+at trace time, through :func:`call_init` and :func:`call`, and its
+``backward`` through :func:`call_backward`. They put the child's nested path
+(``layers[3].body.layers[1]``) in front of any error, turn any other exception
+raised inside the child into one line naming the path, the method and the
+line it came from, and compare what ``backward`` returns with the params and
+the input before anything else uses it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import numbers
 import os
+import traceback
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -56,7 +63,14 @@ class Context(NamedTuple):
 
 
 class Layer:
-    """Base class: a frozen dataclass subclass implements init/check/forward/backward.
+    """Base class of every layer: a subclass writes ``forward`` and ``backward``.
+
+    ``init`` and ``check`` default to a parameterless, stateless layer that
+    keeps the input's shape. Write a layer as ``@dataclasses.dataclass(frozen=True)``
+    holding only its hyperparameters: a model is a static argument of
+    ``jax.jit``, so layers must be hashable, and a frozen dataclass hashes and
+    compares by value (equal models share compiled code). A plain subclass works
+    too, but hashes by identity: each new instance compiles its own programs.
 
     ``decay_keys`` names the parameters that weight decay applies to (weight
     matrices and kernels, never biases or normalisation scales). ``stateful``:
@@ -109,14 +123,21 @@ class Layer:
         return {k: f"{path}.{k}" for k in params}
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-        )
-        return f"{self.name}({fields})"
+        """``Dense(units=3, …)``: a dataclass's fields, or a plain class's public attributes."""
+        if dataclasses.is_dataclass(self):
+            items = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        else:
+            items = [(k, v) for k, v in getattr(self, "__dict__", {}).items()
+                     if not k.startswith("_")]
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in items)})"
 
 
 class LayerError(ValueError):
-    """A ValueError raised inside a nested layer: ``path`` says where, e.g. ``layers[3].body``."""
+    """A ValueError raised inside a nested layer: ``path`` says where, e.g. ``layers[3].body``.
+
+    Where the layer's own method raised another exception (a TypeError from a
+    shape bug, an IndexError), that exception is this one's ``__context__``.
+    """
 
     def __init__(self, path: str, message: str):
         super().__init__(f"{path} {message}")
@@ -125,6 +146,8 @@ class LayerError(ValueError):
 
 _PATH: list[str] = []  # where the trace is now (trace time only)
 _TAPS: list = []  # the active tap (gradcheck's), if any
+_SEEN: dict[str, tuple] = {}  # nested path -> (abstract input, output shapes) of its last forward
+_CHECKED: set[type] = set()  # the layer classes whose methods check_contract has accepted
 
 
 def current_path() -> str:
@@ -138,10 +161,10 @@ def at_path(where: str):
     _PATH.append(where)
     try:
         yield
-    except LayerError as err:
-        raise LayerError(f"{where}.{err.path}", err.message) from None
+    except LayerError:
+        raise  # (named by the innermost path already)
     except ValueError as err:
-        raise LayerError(where, str(err)) from None
+        raise LayerError(current_path(), str(err)) from None
     finally:
         _PATH.pop()
 
@@ -156,26 +179,193 @@ def tapping(tap):
         _TAPS.pop()
 
 
+# --------------------------------------------------------------------- the contract
+class _Method(NamedTuple):
+    takes: str  # the arguments a container passes
+    returns: str  # what the container unpacks ("" for nothing)
+    why: str  # why it must take them
+
+
+_METHODS = {
+    "init": _Method("(key, input_shape, dtype=None)", "(params, state, output_shape)",
+                    "jaxbp passes the dtype"),
+    "check": _Method("(params, state, x, ctx)", "", "jaxbp passes the state and a Context"),
+    "forward": _Method("(params, state, x, ctx)", "(y, new_state, residuals)",
+                       "jaxbp passes the state and a Context"),
+    "backward": _Method("(params, residuals, dy)", "(dparams, dx)",
+                        "jaxbp passes the residuals forward returned and ∂L/∂y"),
+}
+_REQUIRED = ("forward", "backward")  # the base's raise NotImplementedError
+
+
+def _arity(text: str) -> int:
+    """How many names ``(a, b, c)`` lists."""
+    return text.count(",") + 1
+
+
+def check_contract(where: str, layer) -> None:
+    """A ValueError naming ``where`` (e.g. ``Sequential: layers[1]``) unless ``layer`` fits.
+
+    A container's child must be a :class:`Layer` with its own ``forward`` and
+    ``backward``, whose methods take what the container passes (checked once per
+    class), and hashable (a model is a static argument of ``jax.jit``).
+    """
+    if not isinstance(layer, Layer):
+        got = type(layer).__name__
+        if all(callable(getattr(layer, name, None)) for name in _REQUIRED):
+            got += (", which has forward and backward but does not subclass "
+                    f"jaxbp.layers.Layer: write class {got}(jaxbp.layers.Layer)")
+        raise ValueError(f"{where} must be a jaxbp layer; got {got}")
+    if type(layer) not in _CHECKED:
+        for name in _METHODS:
+            _check_method(where, layer, name)
+        _CHECKED.add(type(layer))
+    try:
+        hash(layer)
+    except TypeError as err:
+        raise ValueError(f"{where} {layer.name} is not hashable ({err}), and models are static "
+                         f"arguments of jax.jit: make it @dataclasses.dataclass(frozen=True), "
+                         f"with hashable fields (tuples, not lists)") from None
+
+
+def _check_method(where: str, layer: Layer, name: str) -> None:
+    """A ValueError unless ``layer.<name>`` is defined and takes what a container passes."""
+    method, spec = getattr(layer, name, None), _METHODS[name]
+    inherited = name in _REQUIRED and getattr(type(layer), name) is getattr(Layer, name)
+    if inherited or not callable(method):
+        raise ValueError(f"{where} {layer.name} must define {name}{spec.takes} -> "
+                         f"{spec.returns}: every layer writes its own forward and backward")
+    signature = inspect.signature(method)
+    try:
+        signature.bind(*[None] * _arity(spec.takes))
+    except TypeError:
+        raise ValueError(f"{where} {layer.name}.{name} must take {spec.takes}: {spec.why}; got "
+                         f"{signature}") from None
+
+
+def _run(layer: Layer, name: str, *args):
+    """``layer.<name>(*args)``; any exception but a ValueError becomes a one-line LayerError.
+
+    The line names the nested path, the method, the exception and the innermost
+    line of the traceback in the file defining the method (the user's own line,
+    not JAX's frames below it).
+    """
+    method = getattr(layer, name)
+    try:
+        return method(*args)
+    except ValueError:
+        raise
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        text = f": {lines[0]}" if lines else ""
+        raise LayerError(current_path(), f"{layer.name}.{name} raised {type(err).__name__}"
+                                         f"{text}{_origin(err, method)}") from None
+
+
+def _origin(err: Exception, method) -> str:
+    """`` (at FILE:LINE)``: the innermost frame of ``err`` in ``method``'s file; '' if none."""
+    code = getattr(method, "__code__", None)
+    if code is None:
+        return ""
+    lines = [line for frame, line in traceback.walk_tb(err.__traceback__)
+             if frame.f_code.co_filename == code.co_filename]
+    return f" (at {code.co_filename}:{lines[-1]})" if lines else ""
+
+
+def _returned(layer: Layer, name: str, out):
+    """``out`` if it is the tuple ``layer.<name>`` must return; else a ValueError saying so."""
+    returns = _METHODS[name].returns
+    if not (isinstance(out, tuple) and len(out) == _arity(returns)):
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise ValueError(f"{layer.name}.{name} must return {returns}; got {got}")
+    return out
+
+
+def _shapes(tree):
+    """The shape of every leaf of ``tree``, in its structure."""
+    return jax.tree.map(np.shape, tree)
+
+
+def call_init(layer: Layer, where: str, key, input_shape, dtype):
+    """``layer.init`` at the nested path ``where``: ``(params, state, output_shape)``."""
+    with at_path(where):
+        return _returned(layer, "init", _run(layer, "init", key, input_shape, dtype))
+
+
 def call(layer: Layer, where: str, params, state, x, ctx):
     """``layer.check`` then ``layer.forward``, traced at the nested path ``where``.
 
     An active tap may add a perturbation to ``x`` (so autodiff can read the
-    signal ∂J/∂x at every nested layer's input).
+    signal ∂J/∂x at every nested layer's input). The shapes of the input and the
+    output are kept, by path, for :func:`call_backward`'s check of ``dx``.
     """
     with at_path(where):
-        layer.check(params, state, x, ctx)
+        _run(layer, "check", params, state, x, ctx)
         if _TAPS:
             x = _TAPS[-1].enter(layer, current_path(), params, x)
-        return layer.forward(params, state, x, ctx)
+        out = _returned(layer, "forward", _run(layer, "forward", params, state, x, ctx))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), x)
+        _SEEN[current_path()] = (abstract, _shapes(out[0]))
+        return out
 
 
 def call_backward(layer: Layer, where: str, params, residuals, dy):
-    """``layer.backward`` at the nested path ``where``; an active tap records ``dx``."""
+    """``layer.backward`` at the nested path ``where``, its results checked; a tap records ``dx``.
+
+    ``dparams`` must have the structure and shapes of ``params``, ``dx`` those of
+    the input of the forward traced at ``where`` (when its output had ``dy``'s
+    shapes; ``None`` for an integer input, such as ids), so that a wrong shape
+    is named here rather than by XLA in the layer below.
+    """
     with at_path(where):
-        dparams, dx = layer.backward(params, residuals, dy)
+        dparams, dx = _returned(layer, "backward",
+                                _run(layer, "backward", params, residuals, dy))
+        _check_dparams(layer, params, dparams)
+        seen = _SEEN.get(current_path())
+        if seen is not None and _shapes(dy) == seen[1]:  # (else its forward ran elsewhere)
+            _check_dx(layer, dx, seen[0])
         if _TAPS:
             _TAPS[-1].leave(layer, current_path(), dx)
     return dparams, dx
+
+
+def _check_dparams(layer: Layer, params, dparams) -> None:
+    """A ValueError unless ``dparams`` has the structure and, leaf by leaf, shapes of ``params``.
+
+    Under a tap only the structure: gradcheck reports a parameter gradient of
+    the wrong shape as a failing row of its table.
+    """
+    want, got = jax.tree.structure(params), jax.tree.structure(dparams)
+    if got != want:
+        raise ValueError(f"{layer.name}.backward returned dparams of structure {got}; params "
+                         f"have {want}")
+    if _TAPS:
+        return
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(dparams)[0],
+                            jax.tree.leaves(params)):
+        if np.shape(g) != np.shape(p):
+            name = jax.tree_util.keystr(path)
+            raise ValueError(f"{layer.name}.backward returned dparams{name} of shape "
+                             f"{np.shape(g)}; params{name} has shape {np.shape(p)}")
+
+
+def _check_dx(layer: Layer, dx, x) -> None:
+    """A ValueError unless ``dx`` has the structure and shapes of the (abstract) input ``x``.
+
+    ``None`` stands for the gradient of a leaf that is not floating-point (ids have none).
+    """
+    leaves, got = jax.tree_util.tree_flatten_with_path(dx, is_leaf=lambda v: v is None)
+    if got != jax.tree.structure(x):
+        raise ValueError(f"{layer.name}.backward returned dx of structure {got}; the input has "
+                         f"{jax.tree.structure(x)}")
+    for (path, d), a in zip(leaves, jax.tree.leaves(x)):
+        name = jax.tree_util.keystr(path)
+        if d is None and jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{layer.name}.backward returned dx{name} None; the input{name} "
+                             f"has shape {a.shape} and is floating-point")
+        if d is not None and np.shape(d) != a.shape:
+            raise ValueError(f"{layer.name}.backward returned dx{name} of shape {np.shape(d)}; "
+                             f"the input{name} has shape {a.shape}")
 
 
 def is_key(key) -> bool:

@@ -1,9 +1,11 @@
 """Combinators are layers: ``Sequential`` chains layers, ``Residual`` adds a skip path.
 
-Both keep their children's params and state as plain pytrees (a list per
-``Sequential``, the body's own for ``Residual``), pass each child its nested path
-(for error messages and gradcheck's blame) and its own key (``ctx.at(i)``), and
-answer for their children what weight decay applies to.
+Both check each child when they are built (``check_contract``: its class's
+methods take what they pass, and it is hashable), keep their children's params
+and state as plain pytrees (a list per ``Sequential``, the body's own for
+``Residual``), pass each child its nested path (for error messages and
+gradcheck's blame) and its own key (``ctx.at(i)``), and answer for their
+children what weight decay applies to.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 import jax
 
-from .base import Layer, at_path, call, call_backward
+from .base import Layer, at_path, call, call_backward, call_init, check_contract
 
 
 def _add(a, b):
@@ -72,10 +74,7 @@ class Sequential(Layer):
         if not layers:
             raise ValueError("Sequential: layers must contain at least one layer; got []")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Layer):
-                raise ValueError(
-                    f"Sequential: layers[{i}] must be a jaxbp layer; got {type(layer).__name__}"
-                )
+            check_contract(f"Sequential: layers[{i}]", layer)
         object.__setattr__(self, "layers", layers)
 
     @property
@@ -89,8 +88,7 @@ class Sequential(Layer):
     def init(self, key, input_shape, dtype=None):
         params, state, shape = [], [], tuple(input_shape)
         for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, len(self.layers)))):
-            with at_path(f"layers[{i}]"):
-                p, s, shape = layer.init(k, shape, dtype)
+            p, s, shape = call_init(layer, f"layers[{i}]", k, shape, dtype)
             params.append(p)
             state.append(s)
         return params, state, shape
@@ -162,9 +160,7 @@ class Residual(Layer):
     body: Layer
 
     def __post_init__(self):
-        if not isinstance(self.body, Layer):
-            raise ValueError(f"Residual: body must be a jaxbp layer; got "
-                             f"{type(self.body).__name__}")
+        check_contract("Residual: body", self.body)
 
     @property
     def stateful(self) -> bool:
@@ -175,8 +171,7 @@ class Residual(Layer):
         return self.body.stochastic
 
     def init(self, key, input_shape, dtype=None):
-        with at_path("body"):
-            params, state, shape = self.body.init(key, input_shape, dtype)
+        params, state, shape = call_init(self.body, "body", key, input_shape, dtype)
         if tuple(shape) != tuple(input_shape):
             raise ValueError(f"Residual: the body maps input shape {tuple(input_shape)} to "
                              f"{tuple(shape)}; x + body(x) needs the same shape")
