@@ -48,6 +48,9 @@ import numpy as np
 from .gradcheck_report import GradReport, Row
 from .layers.base import (
     Context,
+    Layer,
+    call,
+    call_backward,
     check_int,
     check_real,
     count_non_finite,
@@ -55,7 +58,10 @@ from .layers.base import (
     is_int,
     tapping,
 )
+from .layers.combinators import Sequential
 from .network import Model
+
+_CHECKED = ""  # check_layer's path: a layer on its own (its children's paths start at it)
 
 _KINK_PROBES = 8  # mismatching coordinates examined per leaf for a kink
 
@@ -259,8 +265,8 @@ def _layer_J(layer, ctx, state, theta, dy):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _layer_compute(layer, train, params, state, x, dy, key):
     ctx = Context(train, key)
-    _, _, residuals = layer.forward(params, state, x, ctx)
-    manual = layer.backward(params, residuals, dy)
+    _, _, residuals = call(layer, _CHECKED, params, state, x, ctx)
+    manual = call_backward(layer, _CHECKED, params, residuals, dy)  # (its results checked)
     _, pullback = jax.vjp(lambda p, a: layer.forward(p, state, a, ctx)[0], params, x)
     return _layer_J(layer, ctx, state, (params, x), dy), manual, pullback(dy)
 
@@ -538,9 +544,20 @@ def _blame(net, nested, order, param_rows, signal_rows) -> str | None:
 
 
 def _short(layer) -> str:
-    """``Dense(2)``, ``Sigmoid``: the layer's name and its first hyperparameter."""
+    """``Dense(2)``, ``Sigmoid``: the layer's name and its first hyperparameter, on one line."""
+    if isinstance(layer, Sequential):
+        return f"Sequential[{' -> '.join(map(_short, layer.layers))}]"
     fields = dataclasses.fields(layer) if dataclasses.is_dataclass(layer) else ()
-    return f"{layer.name}({getattr(layer, fields[0].name)!r})" if fields else layer.name
+    if not fields:
+        return layer.name
+    first = getattr(layer, fields[0].name)
+    return f"{layer.name}({_short(first) if isinstance(first, Layer) else repr(first)})"
+
+
+def _one_line(layer) -> str:
+    """``repr(layer)`` if it fits on a line, else its short form (a long block's repr wraps)."""
+    text = repr(layer)
+    return text if "\n" not in text else _short(layer)
 
 
 def _describe(net) -> str:
@@ -610,8 +627,7 @@ def check_layer(
             x = jax.random.normal(k_x, (batch, *input_shape), jnp.dtype(dtype))
         params, state, x = _cast((params, state, x), dtype)
         train, ctx = bool(train), Context(bool(train), key)
-        layer.check(params, state, x, ctx)
-        y = jax.eval_shape(lambda p, a: layer.forward(p, state, a, ctx)[0], params, x)
+        y = jax.eval_shape(lambda p, a: call(layer, _CHECKED, p, state, a, ctx)[0], params, x)
         if dy is None:
             dy = jax.random.normal(k_dy, y.shape, jnp.dtype(dtype))
         elif np.shape(dy) != y.shape:
@@ -651,12 +667,12 @@ def check_layer(
         )
     bad = any(c.disagrees for c in rows)
     return GradReport(
-        title=f"{layer!r} on input {(np.shape(x))}",
+        title=f"{_one_line(layer)} on input {(np.shape(x))}",
         dtype=dtype,
         precision=precision,
         loss=float(J),
         params=tuple(c.row for c in rows[:-1]),
         signals=(rows[-1].row,),
-        first_divergence=repr(layer) if bad else None,
+        first_divergence=_one_line(layer) if bad else None,
         notes=tuple(notes),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,7 @@ def _prefixed(prefix: str, fn, *args):
 
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Model:
     """A network ``x → body → loss``: what ``jaxbp.Sequential(layers, loss=...)`` returns.
 
@@ -160,6 +161,12 @@ class Model:
         object.__setattr__(self, "body", body)
         object.__setattr__(self, "loss_fn", loss)
         object.__setattr__(self, "weight_decay", weight_decay)
+
+    def __repr__(self) -> str:
+        """The body (one layer a line when long), then the loss and the weight decay."""
+        body = textwrap.indent(repr(self.body), "  ")
+        return (f"Model(\n{body},\n  loss={self.loss_fn!r},\n"
+                f"  weight_decay={self.weight_decay!r},\n)")
 
     @property
     def layers(self) -> tuple[Layer, ...]:

@@ -970,3 +970,95 @@ MUTATIONS.extend([
         frozenset(_LM_CELL | {"layers[1].bhn"}),
     ),
 ])
+
+
+# ---------------------------------------------------------------------- attention
+# Each mutant's forward is MultiHeadAttention's own. The backward is changed through its
+# residuals or its lean core, so the rest of it (the projections, the other heads' terms)
+# stays the layer's own code.
+class AttentionSoftmaxRowSumDropped(layers.MultiHeadAttention):
+    """dS = P ⊙ dP: the softmax backward without its row-sum term, P ⊙ (dP − δ) with δ = 0.
+
+    δ = rowsum(dO ⊙ O) is computed from the residual O, so the backward run on O = 0 has
+    δ = 0 and nothing else changed but dWo = Oᵀ dy, which is taken from the correct run.
+    """
+
+    def backward(self, params, residuals, dy):
+        dparams, _ = super().backward(params, residuals, dy)
+        wrong, dx = super().backward(params, residuals._replace(O=jnp.zeros_like(residuals.O)),
+                                     dy)
+        return {**wrong, "Wo": dparams["Wo"]}, dx
+
+
+class AttentionBackwardScaleForgotten(layers.MultiHeadAttention):
+    """dQ = dS K and dK = dSᵀ Q: the 1/√d of S = Q Kᵀ/√d forgotten in the backward.
+
+    With ``backward="standard"`` dS comes from the stored P, and Q and K enter the core's
+    backward only through dQ = dS K/√d and dK = dSᵀ Q/√d: running it on √d·Q and √d·K
+    drops the scale and nothing else.
+    """
+
+    def backward(self, params, residuals, dy):
+        root_d = math.sqrt(residuals.q.shape[-1])
+        unscaled = residuals._replace(q=root_d * residuals.q, k=root_d * residuals.k)
+        return super().backward(params, unscaled, dy)
+
+
+class AttentionLeanRecomputeNotCausal(layers.MultiHeadAttention):
+    """The lean backward recomputes P = exp(S − lse) for every key: the causal mask (and only
+    it; padding is still applied) left out of the recomputation, though the forward's lse was
+    taken over keys 0…t only."""
+
+    def _lean_core(self, r, dO, delta, scale):
+        every_key = layers.MultiHeadAttention(self.num_heads, causal=False, backward="lean",
+                                              block_size=self.block_size)
+        return every_key._lean_core(r, dO, delta, scale)
+
+
+def _attention_net(attention):
+    """Dense(8) → ``attention`` (2 heads of 4) → Dense(5), softmax-CE on (2, 6) labels, float64.
+
+    Inputs (2, 6, 3); params as ``numpy_case`` draws them (q·k/√d of order 1: the softmax
+    is far from uniform).
+    """
+    net = Sequential([layers.Dense(8), attention, layers.Dense(5)],
+                     loss=losses.SoftmaxCrossEntropy())
+    return (net, *numpy_case(net, (6, 3), batch=2, seed=11, classes=5))
+
+
+def _attention_standard():
+    return _attention_net(layers.MultiHeadAttention(2))
+
+
+def _attention_lean():
+    return _attention_net(layers.MultiHeadAttention(2, backward="lean", block_size=4))
+
+
+# dQ and dK wrong, dV right (or, for the lean recomputation, dV wrong too): the Wqkv and bqkv
+# rows and every signal below; Wo and bo see only dy and O, and stay right.
+_ATTENTION = frozenset(_rows("layers[1]", "dx Wqkv bqkv") | _rows("layers[0]", "dx W b"))
+
+MUTATIONS.extend([
+    Mutation(
+        "attention softmax backward without the row-sum term",
+        _attention_standard,
+        lambda net: replace_layer(net, 1, AttentionSoftmaxRowSumDropped(2)),
+        "layers[1] (AttentionSoftmaxRowSumDropped)",
+        _ATTENTION,
+    ),
+    Mutation(
+        "attention backward without the 1/sqrt(d) scale",
+        _attention_standard,
+        lambda net: replace_layer(net, 1, AttentionBackwardScaleForgotten(2)),
+        "layers[1] (AttentionBackwardScaleForgotten)",
+        _ATTENTION,
+    ),
+    Mutation(
+        "lean attention backward recomputes P without the causal mask",
+        _attention_lean,
+        lambda net: replace_layer(net, 1, AttentionLeanRecomputeNotCausal(
+            2, backward="lean", block_size=4)),
+        "layers[1] (AttentionLeanRecomputeNotCausal)",
+        _ATTENTION,
+    ),
+])

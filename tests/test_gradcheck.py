@@ -345,7 +345,7 @@ def test_check_layer_passes_combinators_with_nested_row_names():
 def test_check_layer_flags_the_wrong_dx_of_norms_dropout_and_residuals(layer, mode):
     report = check_layer(layer, (3,), batch=4, **mode)
     assert [r.path for r in report.failures] == ["dx"], str(report)
-    assert report.first_divergence == repr(layer)
+    assert report.first_divergence.startswith(type(layer).__name__ + "(")
 
 
 # ----------------------------------------------------------------------- nested networks

@@ -137,7 +137,7 @@ def test_dense_without_bias_has_only_W():
 def test_layers_are_hashable_values():
     assert layers.Dense(3) == layers.Dense(3) and hash(layers.Dense(3)) == hash(layers.Dense(3))
     assert layers.LeakyReLU(0.1) != layers.LeakyReLU(0.2)
-    assert repr(layers.Dense(3)) == "Dense(units=3, init_scheme='lecun_normal', use_bias=True)"
+    assert repr(layers.Dense(3)) == "Dense(units=3, init='lecun_normal', use_bias=True)"
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)

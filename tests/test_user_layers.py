@@ -123,9 +123,10 @@ def test_repr_of_plain_and_dataclass_layers():
     assert repr(Swish()) == "Swish()"
     assert repr(Tagged("a")) == "Tagged(tag='a')"
     assert repr(SwishBeta(2.0)) == "SwishBeta(beta=2.0)"
-    assert repr(_nested().body.layers[2]) == (
-        "Residual(Sequential([Dense(units=8, init_scheme='lecun_normal', use_bias=True), Swish(), "
-        "Dense(units=8, init_scheme='lecun_normal', use_bias=True), SwishBeta(beta=2.0)]))")
+    assert repr(_nested().body.layers[2]) == (  # (longer than 80 characters: a layer a line)
+        "Residual(Sequential([\n  Dense(units=8, init='lecun_normal', use_bias=True),\n"
+        "  Swish(),\n  Dense(units=8, init='lecun_normal', use_bias=True),\n"
+        "  SwishBeta(beta=2.0),\n]))")
 
 
 def test_plain_layers_hash_by_identity_dataclasses_by_value():

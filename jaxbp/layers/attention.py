@@ -124,6 +124,9 @@ class MultiHeadAttention(Layer):
         return params, {}, seq
 
     def check(self, params, state, x, ctx):
+        if isinstance(x, tuple) and len(x) != 2:
+            raise ValueError(f"{self.name}: input must be x or (x, valid); got a tuple of "
+                             f"{len(x)}")
         seq, valid = x if isinstance(x, tuple) else (x, None)
         check_array(self.name, "input x", seq)
         C = seq.shape[-1] if seq.ndim == 3 else None
@@ -135,6 +138,8 @@ class MultiHeadAttention(Layer):
                                          "bqkv": ((3 * C,), "(3C,)"),
                                          "Wo": ((C, C), "(C, C)"), "bo": ((C,), "(C,)")})
         check_params(self.name, state, {}, "state")
+        if valid is not None:
+            check_array(self.name, "the padding mask valid", valid)
         if valid is not None and (tuple(valid.shape) != seq.shape[:2] or valid.dtype != bool):
             raise ValueError(f"{self.name}: the padding mask must be a bool array "
                              f"{seq.shape[:2]} (True: a valid key); got {valid.dtype} "

@@ -124,8 +124,9 @@ class Layer:
 
     def __repr__(self) -> str:
         """``Dense(units=3, …)``: a dataclass's fields, or a plain class's public attributes."""
-        if dataclasses.is_dataclass(self):
-            items = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        if dataclasses.is_dataclass(self):  # named as the constructor's argument (init=…)
+            items = [(f.metadata.get("argument", f.name), getattr(self, f.name))
+                     for f in dataclasses.fields(self)]
         else:
             items = [(k, v) for k, v in getattr(self, "__dict__", {}).items()
                      if not k.startswith("_")]
@@ -140,7 +141,7 @@ class LayerError(ValueError):
     """
 
     def __init__(self, path: str, message: str):
-        super().__init__(f"{path} {message}")
+        super().__init__(f"{path} {message}" if path else message)  # ('': a layer on its own)
         self.path, self.message = path, message
 
 
@@ -152,7 +153,7 @@ _CHECKED: set[type] = set()  # the layer classes whose methods check_contract ha
 
 def current_path() -> str:
     """The nested path of the layer being traced, e.g. ``layers[3].body.layers[1]``."""
-    return ".".join(_PATH)
+    return ".".join(p for p in _PATH if p)  # ('' is a layer checked on its own)
 
 
 @contextlib.contextmanager

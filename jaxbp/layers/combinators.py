@@ -11,6 +11,7 @@ children what weight decay applies to.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Sequence
 
 import jax
@@ -133,7 +134,12 @@ class Sequential(Layer):
                               for i, (layer, p) in enumerate(zip(self.layers, params))))
 
     def __repr__(self) -> str:
-        return f"{self.name}([{', '.join(map(repr, self.layers))}])"
+        """On one line if it fits in 80 characters; else one layer a line, nested ones indented."""
+        line = f"{self.name}([{', '.join(map(repr, self.layers))}])"
+        if len(line) <= 80 and "\n" not in line:
+            return line
+        inner = textwrap.indent(",\n".join(map(repr, self.layers)), "  ")
+        return f"{self.name}([\n{inner},\n])"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

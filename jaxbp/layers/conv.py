@@ -177,7 +177,7 @@ class Conv2D(Layer):
     kernel_size: tuple[int, int]
     stride: tuple[int, int] = (1, 1)
     padding: str | tuple = ((0, 0), (0, 0))
-    init_scheme: str = "lecun_normal"
+    init_scheme: str = dataclasses.field(default="lecun_normal", metadata={"argument": "init"})
     use_bias: bool = True
 
     decay_keys = ("W",)

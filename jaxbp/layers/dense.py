@@ -55,7 +55,7 @@ class Dense(Layer):
     """
 
     units: int
-    init_scheme: str = "lecun_normal"
+    init_scheme: str = dataclasses.field(default="lecun_normal", metadata={"argument": "init"})
     use_bias: bool = True
 
     decay_keys = ("W",)

@@ -11,9 +11,9 @@ import numpy as np
 
 from .base import (
     Layer,
-    at_path,
     call,
     call_backward,
+    call_init,
     check_array,
     check_int,
     check_params,
@@ -165,8 +165,7 @@ class TiedEmbedding(Embedding):
     def init(self, key, input_shape, dtype=None):
         k_emb, k_body = jax.random.split(key)
         table, _, shape = super().init(k_emb, input_shape, dtype)
-        with at_path("body"):
-            body, state, out = self.body.init(k_body, shape, dtype)
+        body, state, out = call_init(self.body, "body", k_body, shape, dtype)
         if tuple(out) != tuple(shape):
             raise ValueError(f"TiedEmbedding: the body maps {tuple(shape)} to {tuple(out)}; the "
                              f"tied projection needs (…, {self.dim})")
