@@ -1062,3 +1062,35 @@ MUTATIONS.extend([
         _ATTENTION,
     ),
 ])
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class TransformerBlockSkipDropped(layers.TransformerBlock):
+    """The attention branch's skip gradient dropped: x + Attn(LN(x)) backpropagated as Attn only."""
+
+    def body(self, C):
+        block = super().body(C)
+        attention, mlp = block.layers
+        return Sequential([ResidualSkipGradientDropped(attention.body), mlp])
+
+
+def _gpt_block():
+    net = Sequential([layers.Embedding(7, 8, std=0.5), layers.PositionEmbedding(6, 8),
+                      layers.TransformerBlock(2), layers.LayerNorm(), layers.Dense(7)],
+                     loss=losses.SoftmaxCrossEntropy())
+    params = net.init(jax.random.key(3), (5,))
+    rng = np.random.default_rng(12)
+    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape), params)
+    ids = jnp.asarray(rng.integers(0, 7, (2, 5)))
+    return net, params, ids, jnp.asarray(rng.integers(0, 7, (2, 5)))
+
+
+MUTATIONS.append(Mutation(
+    "transformer block: the attention branch's skip gradient dropped",
+    _gpt_block,
+    lambda net: replace_layer(net, 2, TransformerBlockSkipDropped(2)),
+    "layers[2].layers[0] (ResidualSkipGradientDropped)",
+    # the branch itself is right; everything below the residual's input is wrong
+    frozenset({"layers[2].layers[0].dx", "layers[2].dx", "layers[1].dx", "layers[1].P",
+               "layers[0].W"}),
+))
