@@ -1,4 +1,4 @@
-"""Text from a character-level model, one character at a time through the layers' ``step``.
+"""Text from a character-level model, one character at a time.
 
 For a network of the :func:`jaxbp.models.char_rnn` shape (``Embedding``, then
 ``RNN``, ``LSTM`` or ``GRU`` layers, then ``Dense``), one position costs one
@@ -9,11 +9,23 @@ from position to position instead of re-reading the whole text:
     carry_l, _ = layer_l.step(p_l, carry_l, x_t Wx_l + b_l),  x_t = e_t or h_{l−1}
     z_t = h_L W + b                          (batch, vocab_size), the next character's logits
 
-Sampling feeds the prompt through these steps, then draws each next character
-from ``softmax(z / temperature)`` (``jax.random.categorical``) and feeds it back.
-The whole generation is one jitted program: a ``lax.scan`` over the prompt and
-one over the generated positions, so its size does not grow with ``length``,
-and another ``temperature`` or ``key`` reuses it.
+A GPT (:func:`jaxbp.models.gpt`) has no carry but a context of C positions. Each
+position runs ``net.forward`` on a window of C ids that holds the text so far,
+left-aligned (later entries are padding), or its last C ids once it is longer,
+and reads the logits after the n ids the window holds:
+
+    z = forward(window)[n − 1]               (vocab_size,), n = min(length of the text, C)
+
+The attention is causal, so the padding after position n − 1 cannot reach
+those logits: they are the logits of the text's last min(length, C) ids alone.
+n is an array, read with a dynamic index, so one program serves every position
+and every prompt length.
+
+Sampling feeds the prompt in (through the steps, or into the window), then
+draws each next character from ``softmax(z / temperature)``
+(``jax.random.categorical``) and feeds it back. The whole generation is one
+jitted program with a ``lax.scan`` over the generated positions, so its size
+does not grow with ``length``, and another ``temperature`` or ``key`` reuses it.
 
 Example:
   >>> import jax
@@ -34,25 +46,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import GRU, LSTM, RNN, Context, Dense, Embedding
+from .layers import (
+    GRU,
+    LSTM,
+    RNN,
+    Context,
+    Dense,
+    Embedding,
+    LayerNorm,
+    PositionEmbedding,
+    Sequential,
+    TiedEmbedding,
+    TransformerBlock,
+)
 from .layers.base import check_int, check_real, is_key, per_feature
 
 
-def check_char_model(net, where: str = "generate") -> None:
-    """A ValueError unless ``net`` is Embedding → recurrent layers → Dense, in that order.
+def gpt_context(net) -> int | None:
+    """The context of a :func:`jaxbp.models.gpt` network, or None for any other.
 
-    The recurrent layers must return every step (``return_sequences=True``), as
-    :func:`jaxbp.models.char_rnn` builds them.
+    A GPT is Embedding → PositionEmbedding → TransformerBlocks → LayerNorm →
+    Dense, or a TiedEmbedding around PositionEmbedding → TransformerBlocks →
+    LayerNorm; its context is the PositionEmbedding's.
+
+    Example:
+      >>> from jaxbp import models
+      >>> gpt = models.gpt(5, context=8, d_model=4, num_heads=1, num_layers=1, tied=True)
+      >>> gpt_context(gpt), gpt_context(models.char_rnn(5, hidden=4, embed=2))
+      (8, None)
+    """
+    layers = getattr(net, "layers", None)
+    if layers is None or not layers or not isinstance(layers[0], Embedding):
+        return None
+    if isinstance(layers[0], TiedEmbedding):
+        if len(layers) != 1 or not isinstance(layers[0].body, Sequential):
+            return None
+        middle = layers[0].body.layers
+    elif len(layers) >= 4 and isinstance(layers[-1], Dense):
+        middle = layers[1:-1]
+    else:
+        return None
+    ok = (len(middle) >= 2 and isinstance(middle[0], PositionEmbedding)
+          and isinstance(middle[-1], LayerNorm)
+          and all(isinstance(layer, TransformerBlock) for layer in middle[1:-1]))
+    return middle[0].context if ok else None
+
+
+def check_char_model(net, where: str = "generate") -> None:
+    """A ValueError unless ``net`` is a character model :func:`sample` can run.
+
+    That is Embedding → recurrent layers → Dense, in that order, the recurrent
+    layers returning every step (``return_sequences=True``), as
+    :func:`jaxbp.models.char_rnn` builds them, or a GPT (:func:`gpt_context`).
     """
     layers = getattr(net, "layers", None)
     names = [type(layer).__name__ for layer in layers] if layers is not None else None
-    ok = (layers is not None and len(layers) >= 3 and isinstance(layers[0], Embedding)
-          and isinstance(layers[-1], Dense)
-          and all(isinstance(layer, (RNN, LSTM, GRU)) and layer.return_sequences
-                  for layer in layers[1:-1]))
-    if not ok:
+    recurrent = (layers is not None and len(layers) >= 3 and isinstance(layers[0], Embedding)
+                 and isinstance(layers[-1], Dense)
+                 and all(isinstance(layer, (RNN, LSTM, GRU)) and layer.return_sequences
+                         for layer in layers[1:-1]))
+    if not recurrent and gpt_context(net) is None:
         raise ValueError(f"{where}: net must be a character model: Embedding, then RNN, LSTM or "
-                         f"GRU layers returning every step, then Dense (models.char_rnn); got "
+                         f"GRU layers returning every step, then Dense (models.char_rnn), or a "
+                         f"GPT (models.gpt); got "
                          f"{names if names is not None else type(net).__name__}")
 
 
@@ -78,6 +134,34 @@ def _advance(layers, params, carries, ids):
     return tuple(new), logits
 
 
+def _push(window, n, ids):
+    """The window after the ids (batch,): written at n while it holds n < C ids, else
+    appended after shifting out the oldest; ``(window, new n)``."""
+    context = window.shape[1]
+    full = n == context
+    window = jnp.where(full, jnp.roll(window, -1, axis=1), window)
+    at = jnp.where(full, context - 1, n)
+    window = jax.lax.dynamic_update_index_in_dim(window, ids.astype(window.dtype), at, axis=1)
+    return window, jnp.minimum(n + 1, context)
+
+
+def _next_logits(net, params, window, n):
+    """The logits (batch, vocab_size) after the first n ids of the window (batch, C)."""
+    logits = net.forward(params, window)  # (batch, C, vocab_size), causal
+    return jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _windowed(net, params, ids, context: int):
+    def step(carry, ids_t):
+        window, n = _push(*carry, ids_t)
+        return (window, n), _next_logits(net, params, window, n)
+
+    start = (jnp.zeros((ids.shape[0], context), ids.dtype), jnp.int32(0))
+    _, logits = jax.lax.scan(step, start, ids.T)
+    return jnp.swapaxes(logits, 0, 1)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _stepwise(layers, params, ids):
     dtype = params[0]["W"].dtype
@@ -89,9 +173,12 @@ def _stepwise(layers, params, ids):
 def stepwise_logits(net, params, ids):
     """The logits (batch, time, vocab_size) of ``ids`` (batch, time), one step per position.
 
-    The same function as ``net.forward(params, ids)`` (eval mode), computed the
-    way :func:`sample` computes it: position by position through each recurrent
-    layer's ``step``, from the zero state.
+    Computed the way :func:`sample` computes them, position by position: for a
+    recurrent model through each layer's ``step``, from the zero state, the same
+    function as ``net.forward(params, ids)`` (eval mode); for a GPT of context C
+    on the window of the last min(t + 1, C) ids, so that position t has the
+    logits of ``net.forward(params, ids[:, max(0, t + 1 − C) : t + 1])`` at its last
+    position, and ``time`` may exceed C.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -109,7 +196,18 @@ def stepwise_logits(net, params, ids):
         raise ValueError(f"stepwise_logits: ids must be an integer array (batch, time) with "
                          f"time >= 1; got shape {tuple(ids.shape)} of {ids.dtype}")
     net.layers[0].check_input_values(ids)
+    context = gpt_context(net)
+    if context is not None:
+        jax.eval_shape(lambda p, x: net.forward(p, x), list(params), ids[:, :context])
+        return _windowed(net, list(params), ids, context)
     return _stepwise(net.layers, list(params), ids)
+
+
+def _draw(logits, key, greedy: bool, temperature):
+    """Ids (batch,) from logits (batch, vocab_size): the arg-max, or drawn at temperature."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, logits / temperature.astype(logits.dtype), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
@@ -121,13 +219,24 @@ def _generate(layers, params, prompt, key, length: int, greedy: bool, temperatur
 
     def draw(carry, key_t):
         carries, logits = carry  # logits (1, vocab_size): the next character's distribution
-        if greedy:
-            ids = jnp.argmax(logits, axis=-1)
-        else:
-            ids = jax.random.categorical(key_t, logits / temperature.astype(dtype), axis=-1)
+        ids = _draw(logits, key_t, greedy, temperature)
         return step(carries, ids), ids[0]
 
     _, ids = jax.lax.scan(draw, (carries, logits[-1]), jax.random.split(key, length))
+    return ids
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate_windowed(net, params, window, n, key, length: int, greedy: bool, temperature):
+    """The ``length`` ids after the n ids of ``window`` (1, C); one program for every
+    prompt, key and temperature."""
+
+    def draw(carry, key_t):
+        window, n = carry
+        ids = _draw(_next_logits(net, params, window, n), key_t, greedy, temperature)
+        return _push(window, n, ids), ids[0]
+
+    _, ids = jax.lax.scan(draw, (window, n), jax.random.split(key, length))
     return ids
 
 
@@ -136,13 +245,15 @@ def sample(net, params, vocab, prompt: str, length: int, *, temperature=1.0, key
     """``prompt`` followed by ``length`` characters the model generates after it.
 
     Each character is drawn from ``softmax(z / temperature)`` of the logits ``z``
-    after everything before it (``jax.random.categorical``); a temperature below 1
-    sharpens the distribution, above 1 flattens it. ``greedy=True`` takes the most
+    after everything before it (a GPT's after the last C characters, C its
+    context; ``jax.random.categorical``); a temperature below 1 sharpens the
+    distribution, above 1 flattens it. ``greedy=True`` takes the most
     likely character instead (``argmax z``, deterministic; ``temperature`` and
     ``key`` are then unused).
 
     Args:
-      net: a network of the :func:`jaxbp.models.char_rnn` shape.
+      net: a network of the :func:`jaxbp.models.char_rnn` shape or a GPT
+        (:func:`jaxbp.models.gpt`).
       params: its parameters.
       vocab: the :class:`jaxbp.text.CharVocab` it was trained with (its size is the
         Embedding's ``vocab_size``).
@@ -170,11 +281,11 @@ def sample(net, params, vocab, prompt: str, length: int, *, temperature=1.0, key
       'abbbbb'
     """
     check_char_model(net, "sample")
-    embedding = net.layers[0]
-    if embedding.vocab_size != vocab.size or net.layers[-1].units != vocab.size:
+    embedding, outputs = net.layers[0], net.output_shape((1,))[-1]
+    if embedding.vocab_size != vocab.size or outputs != vocab.size:
         raise ValueError(f"sample: the vocabulary has {vocab.size} characters but the network "
-                         f"reads {embedding.vocab_size} ids and predicts "
-                         f"{net.layers[-1].units}; use the vocabulary it was trained with")
+                         f"reads {embedding.vocab_size} ids and predicts {outputs}; use the "
+                         f"vocabulary it was trained with")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"sample: prompt must be a non-empty str (the model needs a character "
                          f"to start from); got {prompt!r}")
@@ -189,7 +300,16 @@ def sample(net, params, vocab, prompt: str, length: int, *, temperature=1.0, key
                          f"vocabulary of {vocab.size}: {', '.join(map(repr, unknown))}")
     ids = vocab.encode(prompt)
     params = list(params)
-    jax.eval_shape(lambda p, x: net.forward(p, x), params, ids[None])  # the layers' checks
-    new = _generate(net.layers, params, jnp.asarray(ids), key, int(length), bool(greedy),
-                    np.float32(temperature))
+    context = gpt_context(net)
+    if context is None:
+        jax.eval_shape(lambda p, x: net.forward(p, x), params, ids[None])  # the layers' checks
+        new = _generate(net.layers, params, jnp.asarray(ids), key, int(length), bool(greedy),
+                        np.float32(temperature))
+    else:  # the prompt's last `context` ids, left-aligned in the window
+        window = np.zeros((1, context), ids.dtype)
+        n = min(len(ids), context)
+        window[0, :n] = ids[len(ids) - n:]
+        jax.eval_shape(lambda p, x: net.forward(p, x), params, window)  # the layers' checks
+        new = _generate_windowed(net, params, jnp.asarray(window), np.int32(n), key,
+                                 int(length), bool(greedy), np.float32(temperature))
     return prompt + vocab.decode(np.asarray(new))

@@ -2,7 +2,8 @@
 
 The checkpoint's config names the model, its sizes and its vocabulary, so the
 network is rebuilt from the checkpoint alone; the text is the prompt followed
-by ``--length`` characters drawn at ``--temperature`` (:func:`jaxbp.generate.sample`).
+by ``--length`` characters drawn at ``--temperature`` (:func:`jaxbp.generate.sample`;
+a char-gpt reads the last ``--seq-len`` characters it was trained with, its context).
 
 Example:
   >>> import os, tempfile
@@ -62,8 +63,7 @@ def load(directory: str):
         raise ValueError(f"sample: checkpoint {path} holds a {model} model trained on "
                          f"{config.get('dataset')}, not a char model; sample needs one of "
                          f"{', '.join(text_cli.MODELS)} (jaxbp train --model char-lstm)")
-    missing = [k for k in ("hidden", "embed", "weight_decay", "optimizer", "lr", "vocab")
-               if k not in config]
+    missing = [k for k in text_cli.REBUILT_FROM[model] if k not in config]
     if missing:
         raise ValueError(f"sample: checkpoint {path}: its config lacks {', '.join(missing)}, "
                          f"which rebuild the model")

@@ -50,6 +50,7 @@ DEFAULTS = {
     "char-rnn": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
     "char-lstm": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
     "char-gru": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0},
+    "char-gpt": {"lr": 1e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.1},
 }
 # The datasets read from the IDX files in --data-dir.
 IDX_DATASETS = ("mnist", "fashion-mnist")

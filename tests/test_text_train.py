@@ -1,8 +1,8 @@
 """Character-level models: stepwise generation, fit_text, ``jaxbp train --model char-*``, sample.
 
 Every training here shares one shape (batches of 4 windows of 16 characters of
-a small text, an LSTM of 16 units on an embedding of 8), so the programs it
-compiles stay few and small.
+a small text, an LSTM of 16 units on an embedding of 8, or a GPT of one layer of
+8 channels), so the programs it compiles stay few and small.
 """
 
 import contextlib
@@ -17,7 +17,17 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbp import checkpoint, cli, generate, models, text, text_cli, text_train, train
+from jaxbp import (
+    checkpoint,
+    cli,
+    generate,
+    models,
+    text,
+    text_cli,
+    text_train,
+    train,
+    train_cli,
+)
 
 SMALL = ["--hidden", "16", "--embed", "8", "--seq-len", "16", "--steps-per-epoch", "5",
          "--batch-size", "4"]
@@ -113,7 +123,7 @@ def test_sample_prints_the_prompt_and_the_requested_length(runs, capsys):
 
 TRAIN_ERRORS = [
     (["--model", "mlp"], "train: --model mlp does not suit --text {corpus}, a text; use --model "
-     "char-rnn, char-lstm, char-gru"),
+     "char-rnn, char-lstm, char-gru, char-gpt"),
     (["--model", "char-lstm", "--dataset", "digits"], "train: give --dataset or --text, not "
      "both; got --dataset digits and --text {corpus}"),
     (["--model", "char-gru", "--hidden", "16,8"], "train: --hidden for a char model must be one "
@@ -137,11 +147,13 @@ def test_bad_text_setups_are_errors_before_training(corpus, capsys, options, mes
     (["--model", "char-lstm", "--dataset", "digits"], "train: --model char-lstm does not suit "
      "--dataset digits: a char model learns from a text (--dataset shakespeare or --text PATH)"),
     (["--model", "cnn", "--dataset", "shakespeare"], "train: --model cnn does not suit --dataset "
-     "shakespeare, a text; use --model char-rnn, char-lstm, char-gru"),
+     "shakespeare, a text; use --model char-rnn, char-lstm, char-gru, char-gpt"),
     (["--model", "char-lstm", "--text", "no/such.txt"],
      "read_text: text file no/such.txt does not exist"),
     (["--model", "mlp", "--dataset", "iris", "--seq-len", "8"], "train: --seq-len applies to "
-     "the char models (char-rnn, char-lstm, char-gru); got it with --model mlp"),
+     "the char models (char-rnn, char-lstm, char-gru, char-gpt); got it with --model mlp"),
+    (["--model", "mlp", "--layers", "2"], "train: --layers applies to --model char-gpt; got it "
+     "with --model mlp"),
     (["--model", "char-gru", "--data-dir", "idx"], "train: --data-dir applies to the IDX "
      "datasets (mnist, fashion-mnist), not to --dataset shakespeare"),
 ])
@@ -311,3 +323,192 @@ def test_fit_text_checks_its_arguments(config, corpus):
     small_state = train.TrainState(params, opt.init(params), jax.random.key(0))
     with pytest.raises(ValueError, match=r"fit_text: train split: .*ids must lie in \[0, 5\)"):
         fit(small, opt, small_state, data)
+
+
+# ------------------------------------------------------------------ char-gpt
+
+GPT_SMALL = ["--model", "char-gpt", "--layers", "1", "--heads", "2", "--d-model", "8",
+             "--seq-len", "16", "--steps-per-epoch", "5", "--batch-size", "4", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(corpus, tmp_path_factory):
+    """As ``runs`` for char-gpt: the first run plans its schedule for the three epochs."""
+    root = tmp_path_factory.mktemp("gpt")
+    resumed, whole = str(root / "resumed"), str(root / "whole")
+    train_ = ("train", "--text", corpus, *GPT_SMALL)
+    first = _main(*train_, "--epochs", "2", "--decay-steps", "15", "--checkpoint-dir", resumed)
+    second = _main(*train_, "--epochs", "3", "--checkpoint-dir", resumed, "--resume",
+                   "--skip-gradcheck")
+    third = _main(*train_, "--epochs", "3", "--checkpoint-dir", whole, "--skip-gradcheck")
+    return {"first": first, "second": second, "third": third, "resumed": resumed,
+            "whole": whole}
+
+
+def test_char_gpt_checks_gradients_and_trains_with_adamw(gpt_runs):
+    rc, out, err = gpt_runs["first"]
+    assert rc == 0, err
+    assert ("char-gpt (1 layer, 2 heads, d_model 8, context 16) with 1,560 parameters"
+            in out)
+    assert ("AdamW (weight decay 0.1), learning rate 0 → 0.001 over 2 warmup steps, cosine "
+            "to 0.0001 at step 15\n") in out
+    assert "gradcheck (float64, one batch of 2, train mode): OK" in out
+    assert "nats/char" in out and "tokens/s" in out
+    state, meta = _restore(gpt_runs["resumed"])
+    history, config = meta["history"], meta["config"]
+    assert history["epoch"] == [1, 2, 3] and history["step"] == [5, 10, 15]
+    assert np.all(np.isfinite(history["val_loss"]))
+    assert all(np.diff(history["val_loss"]) < 0), history["val_loss"]
+    assert {k: config[k] for k in ("model", "layers", "heads", "d_model", "tied", "seq_len",
+                                   "optimizer", "lr", "weight_decay", "warmup", "decay_steps",
+                                   "clip")} == {
+        "model": "char-gpt", "layers": 1, "heads": 2, "d_model": 8, "tied": False,
+        "seq_len": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": pytest.approx(0.1),
+        "warmup": 2, "decay_steps": 15, "clip": 1.0}
+    assert [layer.name for layer in text_cli.build_model(config).layers] == [
+        "Embedding", "PositionEmbedding", "TransformerBlock", "LayerNorm", "Dense"]
+
+
+def test_char_gpt_resumed_equals_uninterrupted(gpt_runs):
+    rc, out, err = gpt_runs["second"]
+    assert rc == 0, err
+    assert "at epoch 2 (step 10)" in out and "cosine to 0.0001 at step 15\n" in out
+    assert gpt_runs["third"][0] == 0, gpt_runs["third"][2]
+    (resumed, meta_r), (whole, meta_w) = _restore(gpt_runs["resumed"]), _restore(
+        gpt_runs["whole"])
+    assert meta_w["config"]["decay_steps"] == 15  # --epochs × --steps-per-epoch
+    assert (resumed.epoch, resumed.step) == (whole.epoch, whole.step) == (3, 15)
+    for a, b in zip(jax.tree.leaves((resumed.params, resumed.opt_state)),
+                    jax.tree.leaves((whole.params, whole.opt_state)), strict=True):
+        assert np.array_equal(a, b)
+    assert meta_r["history"]["val_loss"] == meta_w["history"]["val_loss"]
+
+
+def test_char_gpt_resume_keeps_its_schedule(gpt_runs):
+    path = os.path.join(gpt_runs["whole"], checkpoint.FILENAME)
+    saved = checkpoint.read_metadata(path)["config"]
+    parser = cli.build_parser()
+    argv = ["train", "--text", saved["text"], *GPT_SMALL, "--resume", "--checkpoint-dir",
+            gpt_runs["whole"]]
+    config = text_cli._config(parser.parse_args([*argv, "--epochs", "6"]), saved)
+    config["vocab"] = saved["vocab"]
+    assert (config["warmup"], config["decay_steps"]) == (2, 15)  # not 6 × 5
+    train_cli._check_resume(path, config, text_cli.GPT_STRUCTURAL)
+    assert text_cli._schedule_line(config).endswith("; steps 16 to 30 train at 0.0001")
+    config = text_cli._config(parser.parse_args([*argv, "--epochs", "4", "--decay-steps",
+                                                 "20"]), saved)
+    config["vocab"] = saved["vocab"]
+    with pytest.raises(ValueError, match="was trained with a different setup: decay_steps 15 "
+                       "there, 20 now"):
+        train_cli._check_resume(path, config, text_cli.GPT_STRUCTURAL)
+
+
+def test_sample_from_a_char_gpt(gpt_runs, capsys):
+    prompt = "ROMEO: But soft, what light"  # longer than the context of 16
+    argv = ["sample", "--checkpoint-dir", gpt_runs["resumed"], "--length", "30"]
+    assert cli.main([*argv, "--prompt", prompt]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and len(out) == len(prompt) + 30 + 1
+    assert set(out) <= set(LINES)
+    assert cli.main([*argv, "--prompt", prompt[-16:]]) == 0  # the characters it reads
+    assert capsys.readouterr().out == prompt[-16:] + out[len(prompt):]
+    assert cli.main([*argv, "--prompt", "R"]) == 0
+    assert len(capsys.readouterr().out) == 1 + 30 + 1
+
+
+GPT_ERRORS = [
+    (["--model", "char-lstm", "--layers", "2"], "train: --layers applies to --model char-gpt; "
+     "got it with --model char-lstm"),
+    (["--model", "char-gru", "--tied"], "train: --tied applies to --model char-gpt; got it with "
+     "--model char-gru"),
+    (["--model", "char-gpt", "--embed", "8"], "train: --embed applies to the recurrent char "
+     "models (char-rnn, char-lstm, char-gru); got it with --model char-gpt"),
+    (["--model", "char-gpt", "--hidden", "64"], "train: --hidden 64 does not apply to --model "
+     "char-gpt: its width is --d-model and its depth --layers"),
+    (["--model", "char-gpt", "--optimizer", "sgd"], "train: --optimizer sgd does not apply to "
+     "--model char-gpt: it trains with AdamW on a warmup-cosine schedule"),
+    (["--model", "char-gpt", "--d-model", "10", "--heads", "4"], "train: --d-model 10 must be a "
+     "multiple of --heads 4"),
+    (["--model", "char-gpt", "--steps-per-epoch", "5", "--warmup", "5"], "train: --warmup 5 must "
+     "be less than --decay-steps 5, the schedule's length"),
+]
+
+
+@pytest.mark.parametrize("options, message", GPT_ERRORS,
+                         ids=[" ".join(o) for o, _ in GPT_ERRORS])
+def test_options_a_model_does_not_take_are_errors(corpus, capsys, options, message):
+    assert cli.main(["train", "--text", corpus, "--epochs", "1", *options]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and message in err, err
+    assert "gradcheck" not in out
+
+
+def test_unset_is_what_train_holds_when_hidden_and_optimizer_are_not_given():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--model", "char-gpt"])
+    assert {k: getattr(args, k) for k in text_cli.UNSET} == text_cli.UNSET
+
+
+def _filled(net, values):
+    """Parameters for ``net`` (context 5 or more) made by ``values(shape)``, float64: no
+    initialisation to compile."""
+    shapes = jax.eval_shape(lambda k: net.init(k, (5,), jnp.float64), jax.random.key(0))
+    return jax.tree.map(lambda a: jnp.asarray(values(a.shape), jnp.float64), shapes)
+
+
+GPT_CONFIG = {"model": "char-gpt", "vocab": {"chars": "abcd"}, "seq_len": 5, "layers": 1,
+              "heads": 1, "d_model": 4, "tied": False, "dropout": 0.0, "optimizer": "adamw",
+              "lr": 1e-2, "weight_decay": 0.5, "warmup": 3, "decay_steps": 13, "clip": 1.0}
+
+
+def test_char_gpt_learning_rate_warms_up_then_follows_the_cosine():
+    lr = GPT_CONFIG["lr"]
+    schedule = text_cli.lr_schedule(GPT_CONFIG)
+    np.testing.assert_allclose([float(schedule(t)) for t in (0, 1, 3, 8, 13, 40)],
+                               [0, lr / 3, lr, 0.55 * lr, 0.1 * lr, 0.1 * lr], rtol=1e-6)
+    net, opt = text_cli.build_model(GPT_CONFIG), text_cli.build_optimizer(GPT_CONFIG)
+    assert text_cli.build_optimizer(dict(GPT_CONFIG)) is opt  # one object: jit reuses programs
+    params = _filled(net, lambda shape: np.full(shape, 0.5))
+    decayed = train.decay_mask(net)(params)
+    assert not all(jax.tree.leaves(decayed)) and any(jax.tree.leaves(decayed))
+    grads, opt_state = jax.tree.map(jnp.ones_like, params), opt.init(params)
+    update = jax.jit(opt.update)
+    for t in range(5):
+        updates, opt_state = update(grads, opt_state, params)
+        # A constant gradient (clipped, still constant): Adam's m̂/√v̂ = 1; AdamW adds λ·p
+        # on the decayed leaves; both scaled by −η_t.
+        for u, p, d in zip(*map(jax.tree.leaves, (updates, params, decayed)), strict=True):
+            np.testing.assert_allclose(u, -float(schedule(t)) * (1 + 0.5 * p * d), rtol=1e-5)
+
+
+# --------------------------------------------------------------- generate, GPT
+
+
+def _gpt(tied):
+    net = models.gpt(VOCAB.size, context=5, d_model=8, num_heads=2, num_layers=1, tied=tied)
+    rng = np.random.default_rng(2)
+    return net, _filled(net, lambda shape: rng.normal(0, 0.5, shape))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_gpt_sampler_reads_the_logits_of_the_last_context_ids(tied):
+    net, params = _gpt(tied)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB.size, (2, 9)))
+    stepwise = generate.stepwise_logits(net, params, ids)  # 9 positions, context 5
+    for t in (1, 4, 7, 8):  # prefixes shorter than the context, as long, longer
+        prefix = ids[:, max(0, t + 1 - 5):t + 1]
+        np.testing.assert_allclose(stepwise[:, t], net.forward(params, prefix)[:, -1],
+                                   rtol=0, atol=1e-12)
+
+
+def test_gpt_sampling_is_deterministic_per_seed_and_one_program():
+    net, params = _gpt(tied=False)
+    before = generate._generate_windowed._cache_size()
+    outs = {seed: generate.sample(net, params, VOCAB, "abcdabc", 20, key=jax.random.key(seed))
+            for seed in (0, 1)}
+    assert outs[0] == generate.sample(net, params, VOCAB, "abcdabc", 20, key=jax.random.key(0))
+    assert outs[0] != outs[1] and all(len(o) == 7 + 20 for o in outs.values())
+    # longer than the context of 5: only the prompt's last 5 characters count
+    assert generate.sample(net, params, VOCAB, "cdabc", 20, key=jax.random.key(0)) == outs[0][2:]
+    assert len(generate.sample(net, params, VOCAB, "a", 20, key=jax.random.key(0))) == 21
+    assert generate._generate_windowed._cache_size() == before + 1  # any prompt, one program
