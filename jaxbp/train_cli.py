@@ -81,8 +81,8 @@ def add_arguments(parser) -> None:
                         f"{' and '.join(IDX_DATASETS)} (and only by them)")
     parser.add_argument("--model", default="mlp", choices=sorted(DEFAULTS),
                         help="network (default mlp; mlp-bn adds BatchNorm and Dropout "
-                        f"{MLP_BN_DROPOUT:g} to each hidden layer; char-rnn, char-lstm and "
-                        "char-gru are character-level language models)")
+                        f"{MLP_BN_DROPOUT:g} to each hidden layer; char-rnn, char-lstm, "
+                        "char-gru and char-gpt are character-level language models)")
     parser.add_argument("--hidden", default="256",
                         help="MLP hidden widths, comma-separated positive ints (default 256); "
                         "for a char model one width per recurrent layer, all equal "
@@ -93,7 +93,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad", default="manual", choices=("manual", "autodiff"),
                         help="hand-written backward (default) or jax.value_and_grad")
     parser.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam"),
-                        help="optax optimizer (default adam)")
+                        help="optax optimizer (default adam; char-gpt always uses AdamW)")
     parser.add_argument("--lr", type=POSITIVE_FLOAT,
                         help=f"learning rate > 0 ({_per_model('lr')})")
     parser.add_argument("--epochs", type=POSITIVE_INT,
@@ -103,7 +103,8 @@ def add_arguments(parser) -> None:
                         help=f"samples per step, for a char model windows of --seq-len "
                         f"characters ({_per_model('batch_size')})")
     parser.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT,
-                        help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² ({_per_model('weight_decay')})")
+                        help=f"λ ≥ 0 of J = L + λ/2 Σ‖W‖² (for char-gpt: AdamW's decoupled "
+                        f"decay) ({_per_model('weight_decay')})")
     parser.add_argument("--clip", type=NON_NEGATIVE_FLOAT,
                         help="clip the gradient to this global norm before the optimizer "
                         f"(optax.clip_by_global_norm); 0: no clipping (default "
