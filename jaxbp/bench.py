@@ -6,7 +6,8 @@ For each model, on whatever device JAX selects, in one run:
 * ``autodiff`` jitted ``jax.value_and_grad(net.loss)``;
 * ``remat k``  ``manual_value_and_grad(..., remat_every=k)`` (stores every k-th layer input;
                not for ``char-lstm``: of its three layers only the LSTM stores much, its
-               per-step residuals, and remat splits between layers, not within one);
+               per-step residuals, and remat splits between layers, not within one;
+               nor for ``gpt``);
 * ``train``    a full optax step (manual gradients; plain SGD unless ``optimizer`` says
                ``"momentum"`` or ``"adam"``), called in a Python loop;
 * ``scan``     ``fit``'s fused epoch: the same step in a ``lax.scan`` that also
@@ -27,6 +28,17 @@ the corpus's 80 characters), on random ids: input (batch, T) = (32, 64) ids in
 time, so the program should not grow with T: ``compile_times`` (and the bench,
 ``lengths``, ``--lengths``) compiles its manual step at other lengths T.
 
+``gpt`` is nanoGPT's Shakespeare configuration for a CPU (n_layer 4, n_head 4,
+n_embd 128, block_size 64): ``models.gpt(80, context=64, d_model=128,
+num_heads=4, num_layers=4)``, token and learned position embeddings, four pre-LN
+blocks of causal 4-head attention (the ``standard`` backward, which stores the
+probabilities) and a GELU MLP, a final LayerNorm and a linear head, 0.82 M
+params, on the same random ids as ``char-lstm`` (batch, T) = (32, 64) and with
+the same rows and ``tok/s``. Its PyTorch reference is the same network in
+``torch.nn``, nanoGPT's attention with ``F.scaled_dot_product_attention``.
+``bench_attention`` (``--attention-sweep``) measures one attention layer's
+memory and time against T, the lean backward's included.
+
 Timing: every variant is warmed up, then the variants take turns in ``rounds``
 interleaved rounds (each round runs a variant for about ``round_seconds``, at
 least one call, and blocks on its result), so a busy machine slows every variant
@@ -46,7 +58,12 @@ median time``, and the table's ``%peak`` divides it by the matmul row's
 body once, however often it runs, so for a model whose program loops (a
 ``lax.scan``: ``char-lstm``) the FLOPs are instead the matmuls of the program's
 jaxpr, ``2·M·N·K`` per product, each scan body's times its length (``_matmul_flops``;
-the element-wise work, a few percent, is left out). ``temp`` is the
+the element-wise work, a few percent, is left out). ``gpt``'s program has no
+loop: XLA's count, which includes attention's batched products, is the analytic
+``6·N·tokens + 12·L·T²·C·batch`` (N = 12·L·C² + C·V weights that multiply, the
+embeddings being lookups; the attention scores over all T² pairs, the masked
+half included, as nanoGPT's ``estimate_mfu`` counts them) plus 2.4% of
+element-wise work; the tests pin both. ``temp`` is the
 temporary memory of XLA's compiled memory analysis (parameters, inputs and
 outputs excluded); ``compile`` is trace + lower + compile of that program. The
 ``train`` step donates its parameters and optimizer state (updated in place).
@@ -74,7 +91,7 @@ mlp-large`` prints (``format_table``) and writes (``--json PATH``).
 Example:
   >>> from jaxbp import bench
   >>> sorted(bench.MODELS)
-  ['char-lstm', 'cnn', 'deep-mlp', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
+  ['char-lstm', 'cnn', 'deep-mlp', 'gpt', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
   >>> times = bench.interleaved_times({"noop": lambda: None}, rounds=3, round_seconds=0.0)
   >>> len(times["noop"])
   3
@@ -111,6 +128,8 @@ class ModelSpec:
     per sample; for a sequence model the vocabulary size, its inputs then being
     integer ids ``(batch, T)`` in [0, vocab) with ``input_shape = (T,)`` and one
     label in [0, classes) per position. ``remat``: whether a ``remat k`` row applies.
+    ``scans_time``: whether the model runs a ``lax.scan`` over time (a recurrent
+    layer), so that ``compile_times`` applies.
     """
 
     build: Callable  # () -> Sequential
@@ -119,6 +138,7 @@ class ModelSpec:
     classes: int = 10
     vocab: int | None = None
     remat: bool = True
+    scans_time: bool = False
 
 
 MODELS = {
@@ -131,7 +151,10 @@ MODELS = {
     "resmlp": ModelSpec(lambda: models.residual_mlp(width=512, blocks=4), (784,), 256),
     # jaxbp train --model char-lstm's defaults; the Shakespeare corpus has 80 characters.
     "char-lstm": ModelSpec(lambda: models.char_rnn(80, "lstm", hidden=256, embed=64), (64,), 32,
-                           classes=80, vocab=80, remat=False),
+                           classes=80, vocab=80, remat=False, scans_time=True),
+    # nanoGPT's Shakespeare-on-a-CPU configuration (n_layer 4, n_head 4, n_embd 128, block 64).
+    "gpt": ModelSpec(lambda: models.gpt(80, context=64, d_model=128, num_heads=4, num_layers=4),
+                     (64,), 32, classes=80, vocab=80, remat=False),
 }
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -397,9 +420,10 @@ def _mode(net, key, input_shape, dtype) -> dict:
 
 def compile_times(name: str, lengths=(32, 256), *, batch=None, dtype="float32",
                   repeats=2) -> dict:
-    """``{T: seconds}``: trace, lower and compile the ``manual`` step of a sequence model at T.
+    """``{T: seconds}``: trace, lower and compile the ``manual`` step of a recurrent model at T.
 
-    The step is the jitted ``manual_value_and_grad`` on ``batch`` (default the
+    For a model whose ``ModelSpec.scans_time`` (``char-lstm``). The step is the
+    jitted ``manual_value_and_grad`` on ``batch`` (default the
     model's) sequences of T ids. The recurrent layer runs its steps in a
     ``lax.scan``, whose body is compiled once for any T, so the times should be
     about equal (an unrolled loop would grow with T). Each figure is the least
@@ -414,10 +438,10 @@ def compile_times(name: str, lengths=(32, 256), *, batch=None, dtype="float32",
     """
     _check_name(name)
     spec = MODELS[name]
-    if spec.vocab is None:
-        sequence = sorted(n for n, s in MODELS.items() if s.vocab is not None)
-        raise ValueError(f"bench: compile_times needs a sequence model ({', '.join(sequence)}); "
-                         f"got {name!r}")
+    if not spec.scans_time:
+        scanning = sorted(n for n, s in MODELS.items() if s.scans_time)
+        raise ValueError(f"bench: compile_times needs a model that scans over time "
+                         f"({', '.join(scanning)}); got {name!r}")
     lengths = _check_lengths(lengths)
     if batch is not None:
         check_int("bench", "batch", batch)
@@ -448,10 +472,11 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
 
     ``batch`` and ``peak_size`` of ``None`` take the model's batch and the
     device's default matmul size; ``remat_every`` of ``None`` or ``0`` drops the
-    remat row (a model without one, ``char-lstm``, ignores it). For a sequence
-    model, ``lengths`` are the lengths T of ``compile_times``, reported as
-    ``compile_s_by_length`` (``{str(T): seconds}``, empty for other models or
-    ``lengths=()``). Bad arguments raise ``ValueError`` before anything is compiled.
+    remat row (a model without one, ``char-lstm`` or ``gpt``, ignores it). For a
+    model that scans over time (``char-lstm``), ``lengths`` are the lengths T of
+    ``compile_times``, reported as ``compile_s_by_length`` (``{str(T): seconds}``,
+    empty for other models or ``lengths=()``). Bad arguments raise ``ValueError``
+    before anything is compiled.
 
     Ratios (``ratio_to_autodiff``, ``fraction_of_peak``) are medians of the
     per-round ratios, each taken between variants timed in the same round, which
@@ -546,7 +571,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
             peaks = [rows[peak]["flops"] / t for t in per_step[peak]]
             row["fraction_of_peak"] = statistics.median(_ratios(rates, peaks))
     by_length = {}
-    if spec.vocab is not None:
+    if spec.scans_time:
         by_length = {str(t): s for t, s in compile_times(name, lengths, batch=batch,
                                                          dtype=dtype).items()}
     reference, grad_errors = _gradient_errors(net, params, x, y, remat_every, mode)
@@ -697,7 +722,7 @@ variants (the table's rows):
   manual      jitted net.manual_value_and_grad: the hand-written backward
   autodiff    jitted jax.value_and_grad(net.loss)
   remat k     manual_value_and_grad(..., remat_every=k): stores every k-th
-              layer input and recomputes the rest (not for char-lstm)
+              layer input and recomputes the rest (not for char-lstm or gpt)
   matmuls     dense nets: the step's matmuls alone, same shapes and operand
               layouts, nothing between them; a reference, not a bound: XLA
               schedules a bare chain of dots differently (on deep-mlp XLA:CPU
@@ -720,6 +745,15 @@ autodiff in float32, and autodiff's own bfloat16 gradient gets an error too:
 its bias sums accumulate in bfloat16, while jnp.sum in the hand-written
 backward accumulates in float32.
 
+attention sweep (--attention-sweep): instead of the models, one causal
+MultiHeadAttention layer (batch 4, 4 heads of 16, MeanSquaredError loss) at
+each of --lengths, three gradient steps: manual backward="standard" (stores
+the (T, T) probabilities), manual backward="lean" (online softmax, recomputes
+them 128 keys at a time) and autodiff of the standard forward; the table gives
+XLA's temporary memory and the time of each, and lean's as fractions of
+autodiff's. Standard and autodiff hold several (batch, heads, T, T) matrices,
+256 MiB each at T=2048 and 4× that at 2T.
+
 memory on CPUs: XLA allocates a program's temporary memory afresh in every
 call and glibc serves large blocks with new pages, which fault on first
 touch (char-lstm's manual step: 15–25% of its time; the fused epoch
@@ -734,11 +768,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models", type=_models, default=list(MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)} (default all)")
     parser.add_argument("--batch", type=POSITIVE_INT,
-                        help="batch size for every model (default per model)")
+                        help="batch size for every model (default per model; 4 for "
+                             "--attention-sweep)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="%(choices)s; float64 turns on jax_enable_x64 (default %(default)s)")
-    parser.add_argument("--rounds", type=POSITIVE_INT, default=61,
-                        help="interleaved timing rounds (default %(default)s)")
+    parser.add_argument("--rounds", type=POSITIVE_INT,
+                        help="interleaved timing rounds (default 61; 11 for --attention-sweep)")
     parser.add_argument("--round-seconds", type=number(float, 0, "a finite number ≥ 0"),
                         default=0.02,
                         help="time each variant runs per round, at least one call; "
@@ -751,10 +786,16 @@ def add_arguments(parser) -> None:
                         help="optax optimizer of the training rows (default %(default)s)")
     parser.add_argument("--peak-size", type=POSITIVE_INT,
                         help="n of the n×n matmul (default 1024 on CPU, 8192 elsewhere)")
-    parser.add_argument("--lengths", type=_lengths, default=(32, 256),
-                        help="sequence lengths T at which a sequence model's manual step is "
-                             "compiled, to show the compile time does not grow with T "
-                             "(default 32,256)")
+    parser.add_argument("--lengths", type=_lengths,
+                        help="sequence lengths T at which char-lstm's manual step is compiled, "
+                             "to show the compile time does not grow with T (default 32,256); "
+                             "with --attention-sweep, the lengths of the sweep (default "
+                             "128,256,512,1024,2048)")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="instead of the models: one MultiHeadAttention layer's gradient "
+                             "step (manual standard, manual lean, autodiff) at each of "
+                             "--lengths, its XLA temporary memory and time; uses --batch, "
+                             "--dtype, --rounds, --round-seconds and --json")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--json", metavar="PATH", type=_json_path,
                         help="also write the figures as JSON (checked before timing)")
@@ -763,13 +804,23 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if jnp.dtype(args.dtype).itemsize == 8:
         jax.config.update("jax_enable_x64", True)
-    result = run_bench(
-        args.models, batch=args.batch, dtype=args.dtype, rounds=args.rounds,
-        round_seconds=args.round_seconds, remat_every=args.remat_every or None,
-        epoch_steps=args.epoch_steps, optimizer=args.optimizer,
-        peak_size=args.peak_size, torch_reference=not args.no_torch, lengths=args.lengths,
-    )
-    print(format_table(result))
+    # Options left out take the defaults of the function they go to.
+    given = {k: v for k, v in (("batch", args.batch), ("rounds", args.rounds),
+                               ("lengths", args.lengths)) if v is not None}
+    if args.attention_sweep:
+        from . import bench_attention
+
+        result = bench_attention.sweep(dtype=args.dtype, round_seconds=args.round_seconds,
+                                       **given)
+        print(bench_attention.format_table(result))
+    else:
+        result = run_bench(
+            args.models, dtype=args.dtype, round_seconds=args.round_seconds,
+            remat_every=args.remat_every or None, epoch_steps=args.epoch_steps,
+            optimizer=args.optimizer, peak_size=args.peak_size,
+            torch_reference=not args.no_torch, **given,
+        )
+        print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

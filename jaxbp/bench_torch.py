@@ -4,13 +4,19 @@ PyTorch is optional and never a dependency: without it the reference says
 "not installed". The network is rebuilt layer by layer in ``torch.nn`` (images
 in PyTorch's own NCHW layout, the same FLOPs; sequences batch-first, as jaxbp's:
 ``nn.Embedding``, ``nn.RNN``/``nn.LSTM``/``nn.GRU`` with ``batch_first=True``,
-``nn.Linear`` on the last axis) and trained by the usual eager loop ``zero_grad
+``nn.Linear`` on the last axis; a GPT's learned positions as an ``nn.Parameter``,
+its attention as nanoGPT's, a fused ``c_attn`` Linear (C, 3C), PyTorch's
+``F.scaled_dot_product_attention`` and a ``c_proj`` Linear, in the pre-LN
+blocks of ``TransformerBlock``) and trained by the usual eager loop ``zero_grad
 → loss → backward → optimizer step``, the cross-entropy averaged over every
 position, on the random data the bench uses (N(0, 1) inputs, or ids for a
 network that starts with an Embedding) on the device JAX uses,
 with PyTorch's default thread count; its OpenMP threads wait passively
 (``OMP_WAIT_POLICY=PASSIVE`` unless set), as spinning threads would slow
 whichever of JAX and PyTorch runs next on the same cores.
+
+``load_params`` copies a jaxbp network's params into the module ``to_torch``
+built, so that both compute the same function (the tests compare them in float64).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import jax
 import numpy as np
 
+from .layers import torch_weights
 from .layers.conv import resolve_pads
 
 _RECURRENT = ("RNN", "LSTM", "GRU")  # the same names in jaxbp.layers and torch.nn
@@ -50,6 +57,45 @@ def _recurrent(torch, kind, features, layer):
     return Recurrent(features, layer.hidden, batch_first=True, **extra)
 
 
+def _positions(torch, layer):
+    """``x + P[:time]``, ``P`` (context, dim) an ``nn.Parameter``: jaxbp's ``PositionEmbedding``."""
+
+    class Positions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.P = torch.nn.Parameter(0.02 * torch.randn(layer.context, layer.dim))
+
+        def forward(self, x):
+            return x + self.P[: x.shape[1]]
+
+    return Positions()
+
+
+def _attention(torch, C, layer):
+    """nanoGPT's ``CausalSelfAttention`` (without dropout) for jaxbp's ``MultiHeadAttention``.
+
+    ``c_attn`` maps (batch, time, C) to q, k, v side by side, each split into
+    heads of C / num_heads contiguous features, as jaxbp's ``Wqkv``; ``c_proj``
+    is ``Wo``. The attention core is ``F.scaled_dot_product_attention``.
+    """
+    heads, causal = layer.num_heads, layer.causal
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = torch.nn.Linear(C, 3 * C)
+            self.c_proj = torch.nn.Linear(C, C)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (a.view(B, T, heads, C // heads).transpose(1, 2)
+                       for a in self.c_attn(x).split(C, dim=2))
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return self.c_proj(o.transpose(1, 2).reshape(B, T, C))
+
+    return Attention()
+
+
 def _module(torch, layer, shape):
     """``(torch module, output shape)`` for one jaxbp layer; ``shape`` excludes the batch.
 
@@ -65,15 +111,23 @@ def _module(torch, layer, shape):
     if kind == "Residual":
         body, out_shape = _module(torch, layer.body, shape)
         return _residual(torch, body), out_shape
-    if kind in _RECURRENT and not (len(shape) == 2 and all(isinstance(s, int) for s in shape)):
+    if kind == "TransformerBlock":  # its pre-LN residual branches, layer by layer
+        return _module(torch, layer.body(shape[-1]), shape)
+    sequence = len(shape) == 2 and all(isinstance(s, int) for s in shape)
+    if kind in (*_RECURRENT, "MultiHeadAttention") and not sequence:
         raise ValueError(f"no PyTorch equivalent for {kind} on input shape {shape} (only a "
-                         f"sequence (time, features), without an initial state, is mapped)")
+                         f"sequence (time, features), without an initial state or a padding "
+                         f"mask, is mapped)")
     out_shape = tuple(layer.init(jax.random.key(0), shape)[2])
     image = len(shape) == 3
     if kind == "Embedding":
         return nn.Embedding(layer.vocab_size, layer.dim), out_shape
     if kind in _RECURRENT:
         return _recurrent(torch, kind, shape[1], layer), out_shape
+    if kind == "MultiHeadAttention":
+        return _attention(torch, shape[1], layer), out_shape
+    if kind == "PositionEmbedding":
+        return _positions(torch, layer), out_shape
     simple = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "Identity": nn.Identity,
               "Softplus": nn.Softplus}
     if kind in simple:
@@ -147,6 +201,60 @@ def to_torch(net, input_shape):
     import torch
 
     return _sequential(torch, net.layers, tuple(input_shape))[0]
+
+
+def load_params(module, layer, params) -> None:
+    """Copy jaxbp ``params`` into the ``module`` that ``to_torch`` built for ``layer`` (or net).
+
+    Containers (a network, ``Sequential``, ``Residual``, ``TransformerBlock``)
+    pass each child its own params; see ``_load_layer`` for a layer's.
+    """
+    kind = type(layer).__name__
+    if kind == "Model":  # a network: its body
+        load_params(module, layer.body, params)
+    elif kind == "Sequential":
+        for sub, child, p in zip(module, layer.layers, params, strict=True):
+            load_params(sub, child, p)
+    elif kind == "Residual":
+        load_params(module.body, layer.body, params)
+    elif kind == "TransformerBlock":  # the body for C channels, C from LN1's scale
+        load_params(module, layer.body(params[0][0]["scale"].shape[0]), params)
+    elif params:
+        _load_layer(module, layer, params)
+
+
+def _load_layer(module, layer, params) -> None:
+    """One layer's params into its module, each tensor keeping the module's dtype and device.
+
+    Linear weights are ``Wᵀ`` (out, in), Conv2d kernels OIHW (jaxbp's HWIO
+    transposed), the norms' ``weight`` and ``bias`` are ``scale`` and ``offset``,
+    attention's ``c_attn`` and ``c_proj`` are ``Wqkv`` and ``Wo`` transposed with
+    their biases, and a recurrent layer loads ``torch_weights.to_torch``'s state dict.
+    """
+    import torch
+
+    kind = type(layer).__name__
+    if kind in _RECURRENT:
+        state = torch_weights.to_torch(layer, params)
+    elif kind == "MultiHeadAttention":
+        state = {"c_attn.weight": params["Wqkv"].T, "c_attn.bias": params["bqkv"],
+                 "c_proj.weight": params["Wo"].T, "c_proj.bias": params["bo"]}
+    elif kind == "PositionEmbedding":
+        state = {"P": params["P"]}
+    else:
+        # The one submodule with a weight: a norm of an image sits between NCHW permutes.
+        (module,) = [m for m in module.modules() if getattr(m, "weight", None) is not None]
+        if "scale" in params:  # LayerNorm, RMSNorm, BatchNorm
+            state = {"weight": params["scale"], **(
+                {"bias": params["offset"]} if "offset" in params else {})}
+        else:  # Embedding (vocab, dim) as it is, Linear (out, in), Conv2d OIHW
+            W = np.asarray(params["W"])
+            W = W if kind == "Embedding" else W.T if W.ndim == 2 else W.transpose(3, 2, 0, 1)
+            state = {"weight": W, **({"bias": params["b"]} if "b" in params else {})}
+    targets = module.state_dict()  # (BatchNorm's running statistics stay as they are)
+    module.load_state_dict({**targets, **{
+        name: torch.as_tensor(np.ascontiguousarray(value)).to(targets[name])
+        for name, value in state.items()}})
 
 
 def train_step(net, input_shape, batch, dtype, optimizer, learning_rate, momentum):

@@ -8,6 +8,7 @@ The ``char-lstm`` row runs at its real sizes on a batch of 2 sequences.
 """
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -17,15 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbp import Sequential, bench, bench_torch, cli, layers, losses, models
-from jaxbp.layers import torch_weights
+from jaxbp import Sequential, bench, bench_attention, bench_torch, cli, layers, losses, models
 from tests.helpers import max_tree_rel_error, random_params, rel_error
 from tests.test_layers import ACTIVATIONS
 
 TINY = dict(batch=8, rounds=3, round_seconds=0.001, epoch_steps=2, peak_size=64)
 ROW_KEYS = {"variant", "compile_s", "flops", "temp_bytes", "time_s", "spread", "steps_per_s",
             "tokens_per_s", "ratio_to_autodiff", "ratio_iqr", "flops_per_s", "fraction_of_peak"}
-MODEL_NAMES = "mlp-small, mlp-large, cnn, deep-mlp, mlp-bn, resmlp, char-lstm"
+MODEL_NAMES = "mlp-small, mlp-large, cnn, deep-mlp, mlp-bn, resmlp, char-lstm, gpt"
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +219,11 @@ def test_cli_help_states_the_defaults_and_dtypes(capsys):
         cli.main(["bench", "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("timing rounds (default 61)", "(default 0.02)", "no remat row (default 4)",
+    for text in ("timing rounds (default 61; 11 for --attention-sweep)", "(default 0.02)",
+                 "no remat row (default 4)",
                  "fused epoch (default 20)", "float32, float64, bfloat16, float16",
-                 "does not grow with T (default 32,256)"):
+                 "does not grow with T (default 32,256)",
+                 "the lengths of the sweep (default 128,256,512,1024,2048)"):
         assert text in out
 
 
@@ -275,31 +277,6 @@ def test_torch_reference_mirrors_the_architecture():
     assert module(torch.zeros(3, 5)).shape == (3, 10)
 
 
-def _load(torch, module, layer, params):
-    """Copies a jaxbp layer's params into its PyTorch module (W: (in, out) or HWIO; the
-    recurrent layers through ``torch_weights``, an Embedding's table as it is)."""
-    if not params:
-        return
-    if isinstance(layer, (layers.RNN, layers.LSTM, layers.GRU)):
-        state = torch_weights.to_torch(layer, params)
-        module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
-                                for k, v in state.items()})
-        return
-    if isinstance(layer, layers.Embedding):
-        module.weight.data = torch.from_numpy(np.asarray(params["W"]))
-        return
-    (module,) = [m for m in module.modules() if getattr(m, "weight", None) is not None]
-    if "scale" in params:  # LayerNorm, RMSNorm
-        weight, bias = np.asarray(params["scale"]), params.get("offset")
-    else:
-        weight, bias = np.asarray(params["W"]), params.get("b")
-        # Linear: (out, in); Conv2d: OIHW
-        weight = weight.T if weight.ndim == 2 else weight.transpose(3, 2, 0, 1)
-    module.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
-    if bias is not None:
-        module.bias.data = torch.from_numpy(np.asarray(bias))
-
-
 def _to_nchw(a):
     return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
 
@@ -337,7 +314,7 @@ def test_torch_reference_computes_each_layers_function(layer, shape):
     rng = np.random.default_rng(0)
     params = random_params(Sequential([layer], loss=losses.MeanSquaredError()), shape, rng)[0]
     module = module.to(torch.float64)
-    _load(torch, module, layer, params)
+    bench_torch.load_params(module, layer, params)
     x = 2 * rng.normal(size=(3, *shape))
     state = layer.init(None, shape, np.float64)[1] if layer.stateful else {}
     want, new_state, _ = layer.forward(params, state, x, layers.Context(train=True))
@@ -357,8 +334,7 @@ def test_torch_reference_network_computes_the_same_function(name):
     rng = np.random.default_rng(1)
     params = random_params(net, shape, rng)
     module = bench_torch.to_torch(net, shape).to(torch.float64)
-    for sub, layer, p in zip(module, net.layers, params, strict=True):
-        _load(torch, sub, layer, p)
+    bench_torch.load_params(module, net, params)
     x = rng.normal(size=(5, *shape))
     got = module(torch.from_numpy(_to_nchw(x))).detach().numpy()
     assert rel_error(got, np.asarray(net.forward(params, x))) <= 1e-12
@@ -451,10 +427,11 @@ def test_char_lstm_table_gives_tokens_per_second(char_result):
     assert any(line.startswith("GFLOP of char-lstm: the jaxpr's matmuls") for line in table)
 
 
-def test_compile_times_is_for_sequence_models(no_compiling):
-    with pytest.raises(ValueError, match=r"compile_times needs a sequence model \(char-lstm\); "
-                                         r"got 'mlp-small'"):
-        bench.compile_times("mlp-small")
+def test_compile_times_is_for_models_that_scan_over_time(no_compiling):
+    for name in ("mlp-small", "gpt"):  # (gpt: ids, but no loop over time, and T <= 64)
+        with pytest.raises(ValueError, match=r"compile_times needs a model that scans over time "
+                                             rf"\(char-lstm\); got '{name}'"):
+            bench.compile_times(name)
     with pytest.raises(ValueError, match=r"bench: lengths\[0\] must be a positive int; got 0"):
         bench.compile_times("char-lstm", lengths=(0, 32))
     with pytest.raises(ValueError, match=r"bench: batch must be a positive int; got -1"):
@@ -504,7 +481,7 @@ def test_torch_reference_computes_each_sequence_layers_function(layer):
     rng = np.random.default_rng(2)
     params = random_params(layer, shape, rng)
     module = module.to(torch.float64)
-    _load(torch, module, layer, params)
+    bench_torch.load_params(module, layer, params)
     x = rng.normal(size=(3, *shape))
     want = layer.forward(params, {}, x, layers.Context(train=True))[0]
     got = module(torch.from_numpy(x)).detach().numpy()
@@ -528,8 +505,7 @@ def test_torch_reference_char_rnn_computes_the_same_function(cell):
     assert isinstance(module[0], torch.nn.Embedding) and isinstance(module[2], torch.nn.Linear)
     assert isinstance(module[1], getattr(torch.nn, cell.upper()))
     assert module[1].batch_first
-    for sub, layer, p in zip(module, net.layers, params, strict=True):
-        _load(torch, sub, layer, p)
+    bench_torch.load_params(module, net, params)
     ids = rng.integers(0, 7, size=(4, 6))
     got = module(torch.from_numpy(ids)).detach().numpy()
     want = np.asarray(net.forward(params, jnp.asarray(ids)))
@@ -599,3 +575,209 @@ def test_remat_every_must_be_a_positive_int(k):
     params = net.init(jax.random.key(0), (2,), jnp.float32)
     with pytest.raises(ValueError, match="remat_every must be a positive int or None"):
         net.manual_backward(params, jnp.ones((2, 2)), jnp.zeros(2, int), remat_every=k)
+
+
+# -------------------------------------------------------------------------- gpt
+
+GPT = dict(V=80, T=64, C=128, L=4)  # bench.MODELS["gpt"]: vocabulary, length, width, blocks
+
+
+def abstract_gpt(batch):
+    """The bench's gpt, its params and data as shapes only: tracing needs no arrays."""
+    spec = bench.MODELS["gpt"]
+    net = spec.build()
+    params = jax.eval_shape(lambda: net.init(jax.random.key(0), spec.input_shape, jnp.float32))
+    ids = jax.ShapeDtypeStruct((batch, *spec.input_shape), jnp.int32)
+    return spec, net, params, ids
+
+
+def test_gpt_data_are_ids_and_labels_per_position():
+    spec, net, params, _ = abstract_gpt(1)
+    V, T = GPT["V"], GPT["T"]
+    assert (spec.input_shape, spec.batch, spec.vocab, spec.classes) == ((T,), 32, V, V)
+    assert not spec.remat and not spec.scans_time
+    x, y = bench._data(spec, 3, jnp.float32, jax.random.key(0))
+    assert x.shape == y.shape == (3, T)
+    for a in (x, y):
+        assert jnp.issubdtype(a.dtype, jnp.integer) and 0 <= int(a.min()) and int(a.max()) < V
+    assert [layer.name for layer in net.layers] == [
+        "Embedding", "PositionEmbedding", *["TransformerBlock"] * 4, "LayerNorm", "Dense"]
+    assert net.output_shape((T,)) == (T, V)
+    assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == 822_016
+    assert bench._matmuls(net, params) is None  # no matmuls row
+
+
+def gpt_matmul_flops(batch, V, T, C, L):
+    """One step's matmul FLOPs: 6 per weight that multiplies and token (forward, dx, dW), plus
+    attention's q kᵀ and P v over all T² pairs, forward and twice in the backward."""
+    weights = L * (3 * C * C + C * C + 2 * 4 * C * C) + C * V  # qkv, proj, MLP; the head
+    return 6 * weights * batch * T + 12 * L * T * T * C * batch
+
+
+def test_gpt_flops_are_the_analytic_count():
+    # The program has no loop, so the bench takes XLA's count: it holds attention's batched
+    # products, the analytic count exactly as the jaxpr's matmuls, and a little element-wise work.
+    batch = 2
+    _, net, params, ids = abstract_gpt(batch)
+    want = gpt_matmul_flops(batch, **GPT)
+    autodiff = jax.value_and_grad(net.loss)
+    for grad in (autodiff, net.manual_value_and_grad):
+        jaxpr = jax.make_jaxpr(grad)(params, ids, ids).jaxpr
+        assert not bench._loops(jaxpr) and bench._matmul_flops(jaxpr) == want
+    xla = bench._flops(bench._compile(net.manual_value_and_grad, params, ids, ids)[0])
+    assert want <= xla < 1.05 * want, xla / want
+
+
+def small_gpt(num_layers=2):
+    return models.gpt(11, context=8, d_model=16, num_heads=2, num_layers=num_layers)
+
+
+def test_run_bench_gives_a_gpt_the_rows_of_a_sequence_model(monkeypatch):
+    # The bench's gpt, made small: the rows of char-lstm, XLA's FLOPs, tokens per step, and
+    # the manual gradient's error against autodiff.
+    spec = bench.ModelSpec(lambda: small_gpt(1), (8,), 2, classes=11, vocab=11, remat=False)
+    monkeypatch.setitem(bench.MODELS, "gpt", spec)
+    (model,) = bench.run_bench(["gpt"], torch_reference=False, **TINY)["models"]
+    rows = {row["variant"]: row for row in model["rows"]}
+    assert list(rows) == ["manual", "autodiff", "train", "scan", "matmul 64²"]
+    assert model["flops_count"] == "xla" and model["compile_s_by_length"] == {}
+    assert model["batch"] == 8 and model["tokens_per_step"] == 8 * 8
+    want = gpt_matmul_flops(8, V=11, T=8, C=16, L=1)
+    assert want <= rows["manual"]["flops"] < 1.3 * want  # (small C: more element-wise work)
+    for row in rows.values():
+        assert set(row) == ROW_KEYS and row["time_s"] > 0
+    assert model["grad_reference"] == "float32" and set(model["grad_rel_error"]) == {"manual"}
+    assert model["grad_rel_error"]["manual"] < 1e-5
+
+
+def test_torch_reference_gpt_computes_the_same_function():
+    """nn.Embedding, learned positions, pre-LN blocks of nanoGPT's attention (fused c_attn,
+    scaled_dot_product_attention) and a tanh-GELU MLP, LayerNorm, a Linear head without bias:
+    jaxbp's gpt in float64, its params copied by ``load_params``."""
+    torch = pytest.importorskip("torch")
+    net = small_gpt()
+    rng = np.random.default_rng(4)
+    params = random_params(net, (8,), rng)
+    module = bench_torch.to_torch(net, (8,)).to(torch.float64)
+    embedding, positions, block, *_, norm, head = module
+    assert isinstance(embedding, torch.nn.Embedding) and positions.P.shape == (8, 16)
+    attention = block[0].body[1]
+    assert isinstance(block[0].body[0], torch.nn.LayerNorm)
+    assert (attention.c_attn.in_features, attention.c_attn.out_features) == (16, 48)
+    assert block[1].body[2].approximate == "tanh"
+    assert isinstance(norm, torch.nn.LayerNorm) and head.bias is None
+    bench_torch.load_params(module, net, params)
+    ids = rng.integers(0, 11, size=(3, 7))  # (7 < context 8: the first 7 positions)
+    got = module(torch.from_numpy(ids)).detach().numpy()
+    want = np.asarray(net.forward(params, jnp.asarray(ids)))
+    assert got.shape == want.shape == (3, 7, 11)
+    assert rel_error(got, want) <= 1e-12
+
+
+def test_torch_reference_trains_a_gpt():
+    torch = pytest.importorskip("torch")
+    step, note = bench_torch.train_step(small_gpt(), (8,), 3, "float32", "adam", 0.01, 0.9)
+    assert note.startswith(f"torch {torch.__version__} eager")
+    losses_ = [float(step()) for _ in range(20)]
+    assert abs(losses_[0] - np.log(11)) < 0.5, losses_[0]  # the mean over 3 × 8 positions
+    assert losses_[-1] < losses_[0] - 0.1, losses_
+
+
+def test_torch_reference_refuses_attention_with_a_padding_mask():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="no PyTorch equivalent for MultiHeadAttention on input"):
+        bench_torch._module(torch, layers.MultiHeadAttention(2), ((6, 4), (6,)))
+
+
+# -------------------------------------------------------------- attention sweep
+
+SWEEP = dict(lengths=(128, 256), batch=2, heads=2, head_dim=8, block_size=32, rounds=2,
+             round_seconds=0.0)
+
+
+@pytest.fixture(scope="module")
+def sweep_result():
+    with jax.enable_x64(False):
+        return bench_attention.sweep(**SWEEP)
+
+
+def test_sweep_returns_every_figure(sweep_result):
+    r = sweep_result
+    assert (r["batch"], r["heads"], r["head_dim"], r["block_size"]) == (2, 2, 8, 32)
+    assert r["dtype"] == "float32" and r["variants"] == ["standard", "lean", "autodiff"]
+    assert [row["T"] for row in r["rows"]] == [128, 256]
+    for row in r["rows"]:
+        assert set(row) == {"T", "scores_bytes", "temp_bytes", "compile_s", "time_s", "spread",
+                            "memory_ratio", "time_ratio", "time_ratio_iqr", "grad_rel_error"}
+        assert row["scores_bytes"] == 2 * 2 * row["T"] ** 2 * 4
+        for key in ("temp_bytes", "compile_s", "time_s", "spread"):
+            assert set(row[key]) == set(r["variants"]), key
+        assert all(isinstance(b, int) and b > 0 for b in row["temp_bytes"].values())
+        assert all(t > 0 for t in row["time_s"].values())
+        assert row["memory_ratio"] == row["temp_bytes"]["lean"] / row["temp_bytes"]["autodiff"]
+        q1, q3 = row["time_ratio_iqr"]
+        assert q1 <= row["time_ratio"] <= q3
+        assert set(row["grad_rel_error"]) == {"standard", "lean"}
+        assert max(row["grad_rel_error"].values()) < 1e-5
+    json.dumps(r)
+
+
+def test_sweep_lean_memory_grows_linearly_standard_quadratically(sweep_result):
+    # XLA's compiled memory analysis, no timing: lean holds (T, block_size) blocks, the
+    # others (T, T) matrices. Doubling T: lean about 2×, standard and autodiff about 4×.
+    short, long = (row["temp_bytes"] for row in sweep_result["rows"])
+    assert long["lean"] < 3 * short["lean"], (short, long)
+    for variant in ("standard", "autodiff"):
+        assert long[variant] > 3 * short[variant], (variant, short, long)
+        assert long["lean"] < long[variant] / 4, (variant, long)
+
+
+def test_sweep_table_has_a_row_per_length(sweep_result):
+    lines = bench_attention.format_table(sweep_result).splitlines()
+    assert lines[0].startswith("device ") and "lean block_size 32" in lines[0]
+    head = _cells(lines[1])
+    assert head == ["T", "S MiB", "standard MiB", "lean MiB", "autodiff MiB", "standard ms",
+                    "lean ms", "autodiff ms", "lean/auto MiB", "lean/auto ms", "IQR"]
+    for line, row in zip(lines[2:4], sweep_result["rows"], strict=True):
+        cells = dict(zip(head, _cells(line), strict=True))
+        assert cells["T"] == str(row["T"])
+        assert cells["lean MiB"] == f"{row['temp_bytes']['lean'] / 2**20:.2f}"
+        assert cells["lean/auto ms"] == f"{row['time_ratio']:.3f}"
+    assert lines[-1].startswith("grad err vs autodiff")
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (dict(lengths=(16, 0)), "lengths[1] must be a positive int; got 0"),
+    (dict(heads=0), "heads must be a positive int; got 0"),
+    (dict(head_dim=2.5), "head_dim must be a positive int; got 2.5"),
+    (dict(block_size=-1), "block_size must be a positive int; got -1"),
+    (dict(batch=0), "batch must be a positive int; got 0"),
+    (dict(rounds=0), "rounds must be a positive int; got 0"),
+    (dict(round_seconds=-1), "round_seconds must be a finite number >= 0; got -1"),
+    (dict(dtype="int32"), "dtype must be one of float32, float64, bfloat16, float16"),
+])
+def test_sweep_rejects_bad_options_before_compiling(no_compiling, option, message):
+    with pytest.raises(ValueError, match=re.escape(f"bench: {message}")):
+        bench_attention.sweep(**option)
+
+
+def test_cli_attention_sweep_passes_its_options_and_writes_json(
+        sweep_result, monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def sweep(**options):  # (the sweep itself is timed above)
+        calls.append(options)
+        return sweep_result
+
+    monkeypatch.setattr(bench_attention, "sweep", sweep)
+    path = tmp_path / "sweep.json"
+    assert cli.main(["bench", "--attention-sweep", "--lengths", "128,256", "--batch", "2",
+                     "--rounds", "3", "--round-seconds", "0", "--json", str(path)]) == 0
+    assert json.loads(path.read_text()) == json.loads(json.dumps(sweep_result))
+    out = capsys.readouterr().out
+    assert out == bench_attention.format_table(sweep_result) + "\n"
+    # Options left out are the sweep's own defaults (lengths 128…2048, batch 4, 11 rounds).
+    assert cli.main(["bench", "--attention-sweep"]) == 0
+    assert calls == [dict(lengths=(128, 256), batch=2, rounds=3, round_seconds=0.0,
+                          dtype="float32"),
+                     dict(round_seconds=0.02, dtype="float32")]
