@@ -26,6 +26,7 @@ EXPECTED = [
     "07_state_and_randomness",
     "08_backprop_through_time",
     "09_write_your_own_layer",
+    "10_attention_by_hand",
 ]
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
