@@ -85,6 +85,10 @@ Every variant runs in train mode: ``mlp-bn`` (BatchNorm and Dropout) and ``resml
 (pre-LayerNorm residual blocks) use batch statistics and draw dropout masks, the
 manual and autodiff rows from the same state and key.
 
+A network of your own (your own layers included) is benched by registering it:
+``bench.MODELS["mine"] = bench.ModelSpec(build, input_shape, batch)`` with ``build()``
+returning the model, then ``bench_model("mine", torch_reference=False)``.
+
 ``run_bench(["mlp-large"])`` returns the figures that ``jaxbp bench --models
 mlp-large`` prints (``format_table``) and writes (``--json PATH``).
 

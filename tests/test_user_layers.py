@@ -436,3 +436,19 @@ def test_tuple_input_is_compared_leaf_by_leaf():
             "layers[0] AddPair.backward returned dx[1] of shape (5, 2); the input[1] has shape "
             "(5, 4)")):
         net.manual_backward(params, x, _batch()[1])
+
+
+def test_a_user_layer_in_the_bench(monkeypatch):
+    from jaxbp import bench
+
+    def build():
+        return Sequential([layers.Dense(8), PReLU(), layers.Dense(3)],
+                          loss=losses.SoftmaxCrossEntropy())
+
+    spec = bench.ModelSpec(build, (4,), 8, classes=3)  # a user's network, by registering it
+    monkeypatch.setitem(bench.MODELS, "prelu-mlp", spec)
+    result = bench.bench_model("prelu-mlp", rounds=2, round_seconds=0.0, epoch_steps=2,
+                               peak_size=32, torch_reference=False)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert {"manual", "autodiff"} <= set(rows) and rows["manual"]["time_s"] > 0
+    assert result["grad_rel_error"]["manual"] < 1e-5  # float32, against autodiff
