@@ -443,3 +443,19 @@ def test_gradcheck_passes_on_an_attention_model():
         "layers[1].bo", "layers[2].W", "layers[2].b"}
     assert [r.path for r in report.signals] == ["loss.dy_hat", "layers[2].dx", "layers[1].dx",
                                                 "layers[0].dx"]
+
+
+@pytest.mark.parametrize("tied, backward", [(False, "lean"), (True, "standard")])
+def test_gpt_manual_backward_equals_jax_grad(tied, backward):
+    from jaxbp import models
+
+    net = models.gpt(9, context=8, d_model=8, num_heads=2, num_layers=2, tied=tied,
+                     backward=backward, weight_decay=1e-3)
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda p: p + 0.2 * rng.standard_normal(p.shape),
+                          net.init(jax.random.key(0), (6,), jnp.float64))
+    x, y = (jnp.asarray(rng.integers(0, 9, (3, 6))) for _ in range(2))
+    manual = net.manual_backward(params, x, y)
+    assert max_tree_rel_error(manual, jax.grad(net.loss)(params, x, y)) < 1e-10
+    if tied:  # the table's gradient sums the lookup's and the head's
+        assert manual[0]["W"].shape == (9, 8) and sorted(manual[0]) == ["W", "body"]
