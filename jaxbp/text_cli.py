@@ -41,13 +41,11 @@ from .train_cli import (
     DEFAULTS,
     IDX_DATASETS,
     _check_paths,
-    _CheckpointWriteError,
-    _interrupted,
     _recorder,
-    _report_divergence,
     _resume,
     _save_plot,
     _widths,
+    run_training,
     step_rate,
 )
 from .train_cli import build_optimizer as _build_optimizer
@@ -404,7 +402,7 @@ def run_text(args) -> int:
     start = time.perf_counter()
     import jax
 
-    from . import checkpoint, text_train, train
+    from . import checkpoint, text_train
 
     if args.resume and not args.checkpoint_dir:
         print("error: train: --resume needs --checkpoint-dir", file=sys.stderr)
@@ -458,24 +456,15 @@ def run_text(args) -> int:
         print("error: manual gradients disagree with autodiff; not training", file=sys.stderr)
         return 1
 
-    try:
-        state, run_history = text_train.fit_text(
-            net, opt, state, data, epochs=config["epochs"],
-            steps_per_epoch=config["steps_per_epoch"], batch_size=config["batch_size"],
-            length=config["seq_len"], grad=config["grad"], seed=config["seed"],
-            on_epoch=_recorder(ckpt, config, history))
-    except train.NonFiniteLossError as err:
-        _report_divergence(err, ckpt)
-        return 1
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except _CheckpointWriteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(_interrupted(history, state.epoch, args.checkpoint_dir), file=sys.stderr)
-        return 130
+    fitted, status = run_training(lambda: text_train.fit_text(
+        net, opt, state, data, epochs=config["epochs"],
+        steps_per_epoch=config["steps_per_epoch"], batch_size=config["batch_size"],
+        length=config["seq_len"], grad=config["grad"], seed=config["seed"],
+        on_epoch=_recorder(ckpt, config, history)), ckpt, history, state.epoch,
+        args.checkpoint_dir)
+    if status is not None:
+        return status
+    state, run_history = fitted
     print(_summary(config, history, run_history, state.epoch, time.perf_counter() - start))
     if args.plot is not None:
         return _save_plot(history, args.plot, title, plot_text_history)

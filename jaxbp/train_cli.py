@@ -518,28 +518,42 @@ def _run(args) -> int:
         print(f"error: train: {err}", file=sys.stderr)
         return 2
 
-    try:
-        state, run_history = train.fit(
-            net, opt, state, ds, epochs=config["epochs"], batch_size=config["batch_size"],
-            grad=config["grad"], devices=args.devices,
-            on_epoch=_recorder(ckpt, config, history), progress=jax.process_index() == 0,
-        )
-    except train.NonFiniteLossError as err:
-        _report_divergence(err, ckpt)
-        return 1
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except _CheckpointWriteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(_interrupted(history, state.epoch, args.checkpoint_dir), file=sys.stderr)
-        return 130
+    fitted, status = run_training(lambda: train.fit(
+        net, opt, state, ds, epochs=config["epochs"], batch_size=config["batch_size"],
+        grad=config["grad"], devices=args.devices,
+        on_epoch=_recorder(ckpt, config, history), progress=jax.process_index() == 0,
+    ), ckpt, history, state.epoch, args.checkpoint_dir)
+    if status is not None:
+        return status
+    state, run_history = fitted
     print(_summary(history, run_history, state.epoch, time.perf_counter() - start))
     if args.plot is not None:
         return _save_plot(history, args.plot, _title(config))
     return 0
+
+
+def run_training(fit, ckpt, history: dict, epoch: int, checkpoint_dir):
+    """``(fit(), None)``, or ``(None, exit status)`` after saying in one line why it stopped.
+
+    A non-finite loss or a failed checkpoint write is 1, a bad argument 2, Ctrl-C
+    130 (naming the epoch and the checkpoint kept); ``epoch`` is where training started.
+    """
+    from . import train
+
+    try:
+        return fit(), None
+    except train.NonFiniteLossError as err:
+        _report_divergence(err, ckpt)
+        return None, 1
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, 2
+    except _CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, 1
+    except KeyboardInterrupt:
+        print(_interrupted(history, epoch, checkpoint_dir), file=sys.stderr)
+        return None, 130
 
 
 def _title(config: dict) -> str:
