@@ -209,7 +209,7 @@ def test_random_dense_networks_pass(cases):
     check_together(cases)
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(cases=st.lists(_with_batch_and_seed(conv_cases()), min_size=3, max_size=3))
 def test_random_conv_networks_pass(cases):
     check_together(cases)

@@ -146,7 +146,7 @@ def manual_and_vjp(layer, params, x, dy):
     return manual(layer, params, x, dy), vjp_oracle(layer, params, x, dy)
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(
     layer_index=st.integers(0, len(ALL_LAYERS) - 1),
     batch=st.integers(1, 9),

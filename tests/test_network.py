@@ -160,7 +160,7 @@ def test_remat_gives_the_same_gradients(k):
 _activations = st.sampled_from(ACTIVATIONS)
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(
     widths=st.lists(st.integers(1, 6), min_size=0, max_size=3),
     activations=st.lists(_activations, min_size=4, max_size=4),

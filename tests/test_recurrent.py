@@ -165,7 +165,7 @@ def test_backward_matches_vjp_float32(kind):
     assert max_tree_rel_error(manual, auto) <= BOUND32
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     kind=st.sampled_from(sorted(CELLS)),
     batch=st.integers(1, 3),

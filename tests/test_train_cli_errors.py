@@ -118,7 +118,8 @@ def test_help_states_the_defaults(capsys):
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split()).replace("mlp- bn", "mlp-bn")  # (wrapped)
     for expected in ("(default digits)", "(default mlp; mlp-bn adds BatchNorm and Dropout 0.1",
-                     "(default adam)", "default: 0.001 for mlp, mlp-bn, cnn; 0.002 for",
+                     "(default adam; char-gpt always uses AdamW)",
+                     "default: 0.001 for mlp, mlp-bn, cnn, char-gpt; 0.002 for",
                      "default: 30 for mlp, mlp-bn; 25 for cnn; 10 for"):
         assert expected in text
 
