@@ -67,7 +67,8 @@ def random_params(net, input_shape, rng, dtype=np.float64):
 
 
 def _cpu_env(devices: int, **extra) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(),
                 JAX_PLATFORMS="cpu", **extra)
 
 
