@@ -136,7 +136,12 @@ def test_cli_trains_the_batchnorm_dropout_mlp(capsys):
     assert "gradcheck (float64, one batch of 64, train mode): OK" in out
 
 
-def test_bench_runs_the_batchnorm_dropout_model_in_train_mode():
+def test_bench_runs_the_batchnorm_dropout_model_in_train_mode(monkeypatch):
+    # mlp-bn's architecture (Dense → BatchNorm → ReLU → Dropout, twice), made narrow
+    assert bench.MODELS["mlp-bn"].input_shape == (784,)
+    narrow = bench.ModelSpec(lambda: models.mlp(hidden=(32, 32), norm="batch", dropout=0.1),
+                             (20,), 8)
+    monkeypatch.setitem(bench.MODELS, "mlp-bn", narrow)
     result = bench.bench_model("mlp-bn", batch=8, rounds=2, round_seconds=0.0, epoch_steps=2,
                                remat_every=2, peak_size=8, torch_reference=False)
     rows = {r["variant"]: r for r in result["rows"]}
