@@ -95,7 +95,7 @@ mlp-large`` prints (``format_table``) and writes (``--json PATH``).
 Example:
   >>> from jaxbp import bench
   >>> sorted(bench.MODELS)
-  ['char-lstm', 'cnn', 'deep-mlp', 'gpt', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
+  ['char-lstm', 'cnn', 'cnn-wide', 'deep-mlp', 'gpt', 'mlp-bn', 'mlp-large', 'mlp-small', 'resmlp']
   >>> times = bench.interleaved_times({"noop": lambda: None}, rounds=3, round_seconds=0.0)
   >>> len(times["noop"])
   3
@@ -149,6 +149,8 @@ MODELS = {
     "mlp-small": ModelSpec(lambda: models.mlp(hidden=(128,)), (64,), 64),
     "mlp-large": ModelSpec(lambda: models.mlp(hidden=(1024, 1024)), (784,), 256),
     "cnn": ModelSpec(lambda: models.cnn((28, 28, 1), 10), (28, 28, 1), 128),
+    # A small CIFAR-style network: two stages of two 3×3 convolutions (32, then 64 channels).
+    "cnn-wide": ModelSpec(lambda: models.cifar_cnn((32, 32, 3), 10), (32, 32, 3), 64),
     "deep-mlp": ModelSpec(lambda: models.mlp(hidden=(512,) * 16), (784,), 256),
     "mlp-bn": ModelSpec(lambda: models.mlp(hidden=(1024, 1024), norm="batch", dropout=0.1),
                         (784,), 256),

@@ -152,6 +152,43 @@ def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0)
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
 
 
+
+def cifar_cnn(input_shape=(32, 32, 3), classes=10, filters=(32, 64), weight_decay=0.0):
+    """A small VGG-style softmax-cross-entropy CNN for colour images, such as CIFAR-10's.
+
+    Per entry ``f`` of ``filters``, one stage ``Conv2D(f, 3×3, SAME) → ReLU →
+    Conv2D(f, 3×3, SAME) → ReLU → MaxPool2D(2)``; then ``Flatten → Dense(classes)``.
+    Each stage halves the height and width (rounding down), so 32×32 inputs and the
+    default two stages of 32 and 64 channels give 8×8×64 features; ``input_shape``
+    (height, width, channels) must be at least ``2^stages`` wide and high.
+
+    Example:
+      >>> net = cifar_cnn((8, 8, 3), classes=10, filters=(4, 8))
+      >>> len(net.layers), net.output_shape((8, 8, 3))
+      (12, (10,))
+    """
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3):
+        raise ValueError(f"cifar_cnn: input_shape must be (height, width, channels); got "
+                         f"{input_shape!r}")
+    if not (isinstance(filters, (tuple, list)) and filters):
+        raise ValueError(f"cifar_cnn: filters must be a non-empty sequence of channel counts, "
+                         f"one per stage, e.g. (32, 64); got {filters!r}")
+    for f in filters:
+        check_int("cifar_cnn", "filters entry", f)
+    h, w, _ = input_shape
+    if min(h, w) < 2 ** len(filters):
+        raise ValueError(
+            f"cifar_cnn: input_shape must be at least {2 ** len(filters)}×{2 ** len(filters)} "
+            f"for {len(filters)} stages of 2×2 pooling; got {tuple(input_shape)}"
+        )
+    stack = []
+    for f in filters:
+        stack += [layers.Conv2D(f, 3, padding="SAME", init="he_normal"), layers.ReLU(),
+                  layers.Conv2D(f, 3, padding="SAME", init="he_normal"), layers.ReLU(),
+                  layers.MaxPool2D(2)]
+    stack += [layers.Flatten(), layers.Dense(classes, init="glorot_normal")]
+    return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+
 CELLS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
 
 

@@ -25,7 +25,7 @@ from tests.test_layers import ACTIVATIONS
 TINY = dict(batch=8, rounds=3, round_seconds=0.001, epoch_steps=2, peak_size=64)
 ROW_KEYS = {"variant", "compile_s", "flops", "temp_bytes", "time_s", "spread", "steps_per_s",
             "tokens_per_s", "ratio_to_autodiff", "ratio_iqr", "flops_per_s", "fraction_of_peak"}
-MODEL_NAMES = "mlp-small, mlp-large, cnn, deep-mlp, mlp-bn, resmlp, char-lstm, gpt"
+MODEL_NAMES = "mlp-small, mlp-large, cnn, cnn-wide, deep-mlp, mlp-bn, resmlp, char-lstm, gpt"
 
 
 @pytest.fixture(scope="module")
@@ -326,11 +326,18 @@ def test_torch_reference_computes_each_layers_function(layer, shape):
         assert rel_error(module.running_var.numpy(), np.asarray(new_state["var"])) <= 1e-12
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+NETWORKS = {
+    "mlp": (lambda: models.mlp(hidden=(6, 5)), (4,)),
+    "cnn": (lambda: models.cnn((8, 8, 1), classes=3, filters=(2, 3)), (8, 8, 1)),
+    "cifar_cnn": (lambda: models.cifar_cnn((8, 8, 3), classes=3, filters=(2, 4)), (8, 8, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
 def test_torch_reference_network_computes_the_same_function(name):
     torch = pytest.importorskip("torch")
-    net, shape = (models.mlp(hidden=(6, 5)), (4,)) if name == "mlp" else (
-        models.cnn((8, 8, 1), classes=3, filters=(2, 3)), (8, 8, 1))
+    build, shape = NETWORKS[name]
+    net = build()
     rng = np.random.default_rng(1)
     params = random_params(net, shape, rng)
     module = bench_torch.to_torch(net, shape).to(torch.float64)

@@ -21,7 +21,7 @@ from jax import lax
 
 from jaxbp import Sequential, conv_output_size, layers, losses, models
 from jaxbp.layers.base import call
-from tests.helpers import RUN_ONCE, max_tree_rel_error
+from tests.helpers import RUN_ONCE, max_tree_rel_error, random_params
 
 KEY = jax.random.key(0)
 IMAGE = np.array(
@@ -248,23 +248,39 @@ def test_property_backward_matches_vjp(config, seed):
     assert_backward_matches_vjp([(layer, random_case(layer, input_shape, batch, seed))])
 
 
-# ------------------------------------------------------------- LeNet-style net
-@pytest.mark.parametrize(
-    ("input_shape", "dtype", "bound"),
-    [((28, 28, 1), jnp.float64, 1e-10), ((8, 8, 1), jnp.float64, 1e-10),
-     ((28, 28, 1), jnp.float32, 1e-4), ((9, 11, 2), jnp.float32, 1e-4)],
-)
-def test_lenet_manual_backward_matches_grad(input_shape, dtype, bound):
-    """float32 bound 1e-4: the two backward passes round in different orders."""
-    net = models.cnn(input_shape, classes=10, weight_decay=1e-3)
-    k_p, k_x, k_y = jax.random.split(jax.random.key(3), 3)
-    params = net.init(k_p, input_shape, dtype)
-    x = jax.random.normal(k_x, (4, *input_shape), dtype)
-    y = jax.random.randint(k_y, (4,), 0, 10)
-    manual = net.manual_backward(params, x, y)
-    auto = jax.grad(net.loss)(params, x, y)
-    assert manual[0]["W"].dtype == dtype
-    assert max_tree_rel_error(manual, auto) <= bound
+# ------------------------------------------------------------- whole CNNs
+CNN_CASES = [  # (model, input shape, dtype, bound)
+    (models.cnn((28, 28, 1), classes=10, weight_decay=1e-3), (28, 28, 1), np.float64, 1e-10),
+    (models.cnn((8, 8, 1), classes=10, weight_decay=1e-3), (8, 8, 1), np.float64, 1e-10),
+    (models.cnn((28, 28, 1), classes=10, weight_decay=1e-3), (28, 28, 1), np.float32, 1e-4),
+    (models.cnn((9, 11, 2), classes=10, weight_decay=1e-3), (9, 11, 2), np.float32, 1e-4),
+    (models.cifar_cnn((8, 8, 3), classes=10, filters=(4, 6), weight_decay=1e-3), (8, 8, 3),
+     np.float64, 1e-10),
+    (models.cifar_cnn((12, 10, 3), classes=10, filters=(3, 5)), (12, 10, 3), np.float32, 1e-4),
+]
+
+
+def test_cnn_models_manual_backward_matches_grad():
+    """The LeNet-style and the CIFAR-style models against ``jax.grad``, in one program.
+
+    float32 bound 1e-4: the two backward passes round in different orders.
+    """
+    rng = np.random.default_rng(3)
+    cases = []
+    for net, shape, dtype, _ in CNN_CASES:
+        params = jax.tree.map(jnp.asarray, random_params(net, shape, rng, dtype))
+        x = jnp.asarray(rng.normal(size=(4, *shape)), dtype)
+        cases.append((params, x, jnp.asarray(rng.integers(0, 10, size=4))))
+    nets = [net for net, *_ in CNN_CASES]
+
+    @functools.partial(jax.jit, compiler_options=RUN_ONCE)
+    def both(cases):
+        return [(net.manual_backward(p, x, y), jax.grad(net.loss)(p, x, y))
+                for net, (p, x, y) in zip(nets, cases, strict=True)]
+
+    for (_, shape, dtype, bound), (manual, auto) in zip(CNN_CASES, both(cases), strict=True):
+        assert manual[0]["W"].dtype == dtype
+        assert max_tree_rel_error(manual, auto) <= bound, (shape, dtype)
 
 
 def test_cnn_shapes():
@@ -276,6 +292,25 @@ def test_cnn_shapes():
            "(two 2×2 poolings); got (3, 8, 1)")
     with pytest.raises(ValueError, match=re.escape(msg)):
         models.cnn((3, 8, 1))
+
+
+def test_cifar_cnn_shapes_and_errors():
+    net = models.cifar_cnn()
+    params = net.init(KEY, (32, 32, 3))
+    assert [p["W"].shape for p in params if p] == [
+        (3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64), (3, 3, 64, 64), (8 * 8 * 64, 10)]
+    assert [layer.name for layer in net.layers[:5]] == [
+        "Conv2D", "ReLU", "Conv2D", "ReLU", "MaxPool2D"]
+    for args, msg in [
+        (((3, 8, 3),), "cifar_cnn: input_shape must be at least 4×4 for 2 stages of 2×2 "
+                       "pooling; got (3, 8, 3)"),
+        (((8, 8),), "cifar_cnn: input_shape must be (height, width, channels); got (8, 8)"),
+        (((8, 8, 3), 10, ()), "cifar_cnn: filters must be a non-empty sequence of channel "
+                              "counts, one per stage, e.g. (32, 64); got ()"),
+        (((8, 8, 3), 10, (4, 0)), "cifar_cnn: filters entry must be"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            models.cifar_cnn(*args)
 
 
 # ------------------------------------------------------- output size vs XLA
