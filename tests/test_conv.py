@@ -2,8 +2,9 @@
 
 Gradient grid: the full product of kernel 1–5 × stride 1–3 × padding (0, 1, 2,
 SAME, VALID) (75 geometries), each with input channels, filters, height, width
-(odd and even) and batch drawn from a generator seeded by the configuration's
-index; a second test crosses all channel × filter counts. Every configuration
+(odd and even) drawn from a generator seeded by the configuration's index, and
+batch 1, 3, 12 or 7 (the last two compute dW in chunks of 4 and of 1 image); a
+second test crosses all channel × filter counts. Every configuration
 runs in one jitted function per test, so the grid costs one compile.
 """
 
@@ -157,7 +158,7 @@ def grid_cases():
         rng = np.random.default_rng(i)
         c_in, filters = (int(v) for v in rng.integers(1, 5, size=2))
         h, w = int(rng.integers(5, 7)), int(rng.integers(7, 9))  # odd and even sizes
-        batch = (1, 3)[i % 2]
+        batch = (1, 3, 12, 7)[i % 4]  # 12 and 7: dW in chunks of 4 and of 1 image
         layer = layers.Conv2D(filters, k, s, p, use_bias=bool(i % 3))
         cases.append((layer, random_case(layer, (h, w, c_in), batch, seed=i)))
     return cases
@@ -237,7 +238,7 @@ def conv_configs(draw):
     lo = [1 if padding == "SAME" else max(1, k - sum(p))
           for k, p in zip((kh, kw), pads, strict=True)]
     h, w = draw(st.integers(lo[0], 9)), draw(st.integers(lo[1], 9))
-    c_in, filters, batch = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    c_in, filters, batch = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 9))
     return layers.Conv2D(filters, (kh, kw), stride, padding), (h, w, c_in), batch
 
 
@@ -269,8 +270,8 @@ def test_cnn_models_manual_backward_matches_grad():
     cases = []
     for net, shape, dtype, _ in CNN_CASES:
         params = jax.tree.map(jnp.asarray, random_params(net, shape, rng, dtype))
-        x = jnp.asarray(rng.normal(size=(4, *shape)), dtype)
-        cases.append((params, x, jnp.asarray(rng.integers(0, 10, size=4))))
+        x = jnp.asarray(rng.normal(size=(6, *shape)), dtype)  # dW in two chunks of 3
+        cases.append((params, x, jnp.asarray(rng.integers(0, 10, size=6))))
     nets = [net for net, *_ in CNN_CASES]
 
     @functools.partial(jax.jit, compiler_options=RUN_ONCE)
@@ -296,7 +297,7 @@ def test_cnn_shapes():
 
 def test_cifar_cnn_shapes_and_errors():
     net = models.cifar_cnn()
-    params = net.init(KEY, (32, 32, 3))
+    params = jax.eval_shape(lambda k: net.init(k, (32, 32, 3)), KEY)
     assert [p["W"].shape for p in params if p] == [
         (3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64), (3, 3, 64, 64), (8 * 8 * 64, 10)]
     assert [layer.name for layer in net.layers[:5]] == [

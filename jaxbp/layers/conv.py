@@ -24,6 +24,7 @@ from .base import Layer, check_int, check_params, check_rank, default_float_dtyp
 from .dense import INITIALIZERS, check_init
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+DW_BATCH_CHUNK = 4  # images per correlation in Conv2D's dW (see Conv2D.backward)
 _DIMS = ("height", "width")
 _PADDING_FORMS = (
     '"SAME", "VALID", an int >= 0, a pair (ph, pw) or ((top, bottom), (left, right)) '
@@ -266,6 +267,11 @@ class Conv2D(Layer):
         where ``r`` padded rows at the end are read by no window (their gradient is
         zero). Both are ``lax.conv_general_dilated`` calls, forward ops of XLA; for dx,
         ``lax.pad`` first dilates ď by ``S − 1`` zeros and pads (or crops) it as above.
+
+        dW's sum over n is split into chunks of the largest divisor of the batch up to
+        ``DW_BATCH_CHUNK`` (4) images, one correlation per chunk added up by ``lax.scan``:
+        the same sum, which XLA:CPU computes 2-3× faster on a few images than in one
+        correlation whose "kernel" dy spans the whole batch (measured on the bench's CNNs).
         """
         dtype = jnp.result_type(residuals.x, params["W"], dy)
         x, W, dy = residuals.x.astype(dtype), params["W"].astype(dtype), dy.astype(dtype)
@@ -277,11 +283,26 @@ class Conv2D(Layer):
         # inside loops and conditionals (``lax.scan`` training, remat) it does not
         # re-layout other dimension numbers for us and falls back to a slow generic loop.
         # dW: x as (C_in, H, W, batch) "images", dy as a (H_out, W_out, batch, C_out) kernel.
-        dW = lax.conv_general_dilated(
-            x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), window_strides=(1, 1),
-            padding=[(pads[d][0], pads[d][1] - r[d]) for d in range(2)],
-            rhs_dilation=stride, dimension_numbers=NHWC,
-        ).transpose(1, 2, 0, 3)
+        def kernel_gradient(x, dy):
+            return lax.conv_general_dilated(
+                x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), window_strides=(1, 1),
+                padding=[(pads[d][0], pads[d][1] - r[d]) for d in range(2)],
+                rhs_dilation=stride, dimension_numbers=NHWC,
+            ).transpose(1, 2, 0, 3)
+
+        # The sum over n, taken a few images at a time (see the docstring), accumulated in at
+        # least float32.
+        n = x.shape[0]
+        chunk = max(c for c in range(1, min(n, DW_BATCH_CHUNK) + 1) if n % c == 0)
+        if chunk == n:
+            dW = kernel_gradient(x, dy)
+        else:
+            acc = jnp.promote_types(dtype, jnp.float32)
+            pieces = (x.reshape(n // chunk, chunk, *x.shape[1:]),
+                      dy.reshape(n // chunk, chunk, *dy.shape[1:]))
+            dW, _ = lax.scan(lambda total, xy: (total + kernel_gradient(*xy).astype(acc), None),
+                             jnp.zeros(W.shape, acc), pieces)
+            dW = dW.astype(dtype)
         # dx: ď (dilated and padded by lax.pad, whose negative pads crop) correlated with
         # the flipped kernel, in/out channels swapped, (kh, kw, C_out, C_in). The same
         # padding given to the convolution as lhs_dilation trips an XLA:CPU check for
