@@ -56,9 +56,11 @@ FLOPs come from XLA's cost analysis of the compiled program; ``GFLOP/s = FLOPs /
 median time``, and the table's ``%peak`` divides it by the matmul row's
 ``GFLOP/s``, so that it follows from the figures printed. XLA counts a loop's
 body once, however often it runs, so for a model whose program loops (a
-``lax.scan``: ``char-lstm``) the FLOPs are instead the matmuls of the program's
-jaxpr, ``2·M·N·K`` per product, each scan body's times its length (``_matmul_flops``;
-the element-wise work, a few percent, is left out). ``gpt``'s program has no
+``lax.scan``: ``char-lstm``, and the CNNs, whose kernel gradients sum the batch in
+chunks) the FLOPs are instead the matmuls and convolutions of the program's jaxpr,
+``2·M·N·K`` per product and ``2·kh·kw·C_in`` per convolution output, each scan
+body's times its length (``_matmul_flops``; the element-wise work, a few percent,
+is left out). ``gpt``'s program has no
 loop: XLA's count, which includes attention's batched products, is the analytic
 ``6·N·tokens + 12·L·T²·C·batch`` (N = 12·L·C² + C·V weights that multiply, the
 embeddings being lookups; the attention scores over all T² pairs, the masked
@@ -185,7 +187,10 @@ def _flops(compiled) -> float | None:
 
 
 def _matmul_flops(jaxpr) -> int:
-    """``2·M·N·K`` summed over the products (``dot_general``) of ``jaxpr`` and its sub-jaxprs.
+    """``2·M·N·K`` summed over the products (``dot_general``) of ``jaxpr`` and its sub-jaxprs,
+    and for each convolution 2 × its output's size × one window's multiply-adds
+    (``kh·kw·C_in``, the kernel's size over its output features; padded and dilated zeros
+    counted).
 
     A ``scan``'s body counts ``length`` times, the costliest branch of a ``cond``
     once, a ``while`` body once (its trip count is not known before it runs).
@@ -196,6 +201,10 @@ def _matmul_flops(jaxpr) -> int:
             (contract, _), _ = eqn.params["dimension_numbers"]
             k = math.prod(eqn.invars[0].aval.shape[d] for d in contract)
             total += 2 * k * math.prod(eqn.outvars[0].aval.shape)
+        if eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            window = math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2 * window * math.prod(eqn.outvars[0].aval.shape)
         inner = [_matmul_flops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)]
         if inner:
             times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
@@ -583,7 +592,7 @@ def bench_model(name: str, *, batch=None, dtype="float32", rounds=61, round_seco
     reference, grad_errors = _gradient_errors(net, params, x, y, remat_every, mode)
     return {"model": name, "batch": batch, "input_shape": list(spec.input_shape),
             "layers": len(net.layers), "optimizer": optimizer, "tokens_per_step": tokens,
-            "flops_count": "jaxpr matmuls" if loops else "xla",
+            "flops_count": "jaxpr products" if loops else "xla",
             "compile_s_by_length": by_length,
             "peak_flops_per_s": rows[peak]["flops_per_s"], "pytorch": torch_note,
             "grad_reference": reference, "grad_rel_error": grad_errors,
@@ -639,8 +648,8 @@ def _legend(result: dict) -> list[str]:
     ]
     counted = [m["model"] for m in result["models"] if m["flops_count"] != "xla"]
     if counted:
-        entries.append(f"GFLOP of {', '.join(counted)}: the jaxpr's matmuls, each scan body times "
-                       f"its length (XLA's count takes a loop body once)")
+        entries.append(f"GFLOP of {', '.join(counted)}: the jaxpr's matmuls and convolutions, "
+                       f"each scan body times its length (XLA's count takes a loop body once)")
     entries += [
         "GFLOP/s: GFLOP / time per step (GFLOP × 1000 / ms/step)",
         "%peak: GFLOP/s ÷ the GFLOP/s of the model's matmul row",

@@ -384,7 +384,7 @@ def test_char_lstm_rows_flops_and_gradients(char_result):
     # Forward x Wx, h Wh (every step), h W_dense; the backward twice each: 3 × forward.
     B = 2
     dots = 3 * 2 * B * T * (E * 4 * H + H * 4 * H + H * V)
-    assert model["flops_count"] == "jaxpr matmuls"
+    assert model["flops_count"] == "jaxpr products"
     for variant in ("manual", "autodiff", "train", "scan"):
         assert rows[variant]["flops"] == dots, variant
     assert rows["matmul 64²"]["flops"] == 2 * 64**3
@@ -447,6 +447,22 @@ def test_compile_times_is_for_models_that_scan_over_time(no_compiling):
         bench.compile_times("char-lstm", repeats=0)
     with pytest.raises(ValueError, match=r"bench: unknown model 'lstm'"):
         bench.compile_times("lstm")
+
+
+def test_convolution_flops_count_every_window_and_each_chunk_of_dw():
+    """A Conv2D's forward and hand-written backward: 2·kh·kw·C_in per output of each
+    convolution, dW's scan over batch chunks counted once per chunk."""
+    layer = layers.Conv2D(5, 3, padding="SAME", use_bias=False)
+    n, h, w, c = 12, 6, 7, 2  # dW in 3 chunks of 4 images
+    W, x = jnp.zeros((3, 3, c, 5)), jnp.zeros((n, h, w, c))
+    fwd = jax.make_jaxpr(lambda W, x: layer.forward({"W": W}, {}, x, None)[0])(W, x).jaxpr
+    assert bench._matmul_flops(fwd) == 2 * n * h * w * 5 * 9 * c
+    back = jax.make_jaxpr(lambda W, x, dy: layer.backward(
+        {"W": W}, layers.conv.ConvResiduals(x=x), dy))(W, x, x[..., :1].repeat(5, -1)).jaxpr
+    assert bench._loops(back)
+    dW = 2 * (3 * 3 * c * 5) * (h * w * n)  # each entry sums H·W positions of every image
+    dx = 2 * (n * h * w * c) * (3 * 3 * 5)
+    assert bench._matmul_flops(back) == dW + dx
 
 
 def test_matmul_flops_count_each_scan_step():
