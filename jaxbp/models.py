@@ -114,6 +114,17 @@ def residual_mlp(width=128, blocks=2, classes=10, norm="layer", dropout=0.0, wei
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
 
 
+def _image_shape(fn: str, input_shape, min_side: int, why: str):
+    """``input_shape`` must be ``(height, width, channels)``, at least ``min_side`` high and wide."""
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3):
+        raise ValueError(f"{fn}: input_shape must be (height, width, channels); got "
+                         f"{input_shape!r}")
+    h, w, _ = input_shape
+    if min(h, w) < min_side:
+        raise ValueError(f"{fn}: input_shape must be at least {min_side}×{min_side} for {why}; "
+                         f"got {tuple(input_shape)}")
+
+
 def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0):
     """A LeNet-style softmax-cross-entropy CNN for small NHWC images.
 
@@ -127,18 +138,10 @@ def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0)
       >>> net.output_shape((8, 8, 1))
       (10,)
     """
-    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3):
-        raise ValueError(f"cnn: input_shape must be (height, width, channels); got "
-                         f"{input_shape!r}")
+    _image_shape("cnn", input_shape, 4, "two 2×2 poolings")
     if not (isinstance(filters, (tuple, list)) and len(filters) == 2):
         raise ValueError(f"cnn: filters must be a pair (first conv, second conv), e.g. "
                          f"(16, 32); got {filters!r}")
-    h, w, _ = input_shape
-    if min(h, w) < 4:
-        raise ValueError(
-            f"cnn: input_shape must be (height, width, channels) with height and width >= 4 "
-            f"(two 2×2 poolings); got {tuple(input_shape)}"
-        )
     stack = [
         layers.Conv2D(filters[0], 3, padding="SAME", init="he_normal"),
         layers.ReLU(),
@@ -150,7 +153,6 @@ def cnn(input_shape=(28, 28, 1), classes=10, filters=(16, 32), weight_decay=0.0)
         layers.Dense(classes, init="glorot_normal"),
     ]
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
-
 
 
 def cifar_cnn(input_shape=(32, 32, 3), classes=10, filters=(32, 64), weight_decay=0.0):
@@ -167,20 +169,13 @@ def cifar_cnn(input_shape=(32, 32, 3), classes=10, filters=(32, 64), weight_deca
       >>> len(net.layers), net.output_shape((8, 8, 3))
       (12, (10,))
     """
-    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3):
-        raise ValueError(f"cifar_cnn: input_shape must be (height, width, channels); got "
-                         f"{input_shape!r}")
     if not (isinstance(filters, (tuple, list)) and filters):
         raise ValueError(f"cifar_cnn: filters must be a non-empty sequence of channel counts, "
                          f"one per stage, e.g. (32, 64); got {filters!r}")
     for f in filters:
         check_int("cifar_cnn", "filters entry", f)
-    h, w, _ = input_shape
-    if min(h, w) < 2 ** len(filters):
-        raise ValueError(
-            f"cifar_cnn: input_shape must be at least {2 ** len(filters)}×{2 ** len(filters)} "
-            f"for {len(filters)} stages of 2×2 pooling; got {tuple(input_shape)}"
-        )
+    _image_shape("cifar_cnn", input_shape, 2 ** len(filters),
+                 f"{len(filters)} stages of 2×2 pooling")
     stack = []
     for f in filters:
         stack += [layers.Conv2D(f, 3, padding="SAME", init="he_normal"), layers.ReLU(),
@@ -188,6 +183,7 @@ def cifar_cnn(input_shape=(32, 32, 3), classes=10, filters=(32, 64), weight_deca
                   layers.MaxPool2D(2)]
     stack += [layers.Flatten(), layers.Dense(classes, init="glorot_normal")]
     return Sequential(stack, loss=losses.SoftmaxCrossEntropy(), weight_decay=weight_decay)
+
 
 CELLS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
 

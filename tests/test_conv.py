@@ -289,8 +289,7 @@ def test_cnn_shapes():
     params = net.init(KEY, (8, 8, 1))
     assert [p["W"].shape for p in params if p] == [(3, 3, 1, 4), (3, 3, 4, 6), (24, 10)]
     assert models.cnn().output_shape((28, 28, 1)) == (10,)
-    msg = ("cnn: input_shape must be (height, width, channels) with height and width >= 4 "
-           "(two 2×2 poolings); got (3, 8, 1)")
+    msg = "cnn: input_shape must be at least 4×4 for two 2×2 poolings; got (3, 8, 1)"
     with pytest.raises(ValueError, match=re.escape(msg)):
         models.cnn((3, 8, 1))
 
