@@ -115,7 +115,7 @@ def residual_mlp(width=128, blocks=2, classes=10, norm="layer", dropout=0.0, wei
 
 
 def _image_shape(fn: str, input_shape, min_side: int, why: str):
-    """``input_shape`` must be ``(height, width, channels)``, at least ``min_side`` high and wide."""
+    """``input_shape`` must be ``(height, width, channels)``, at least ``min_side`` high, wide."""
     if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3):
         raise ValueError(f"{fn}: input_shape must be (height, width, channels); got "
                          f"{input_shape!r}")

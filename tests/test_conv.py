@@ -22,6 +22,7 @@ from jax import lax
 
 from jaxbp import Sequential, conv_output_size, layers, losses, models
 from jaxbp.layers.base import call
+from jaxbp.layers.conv import PATCHES_MAX_C_IN
 from tests.helpers import RUN_ONCE, max_tree_rel_error, random_params
 
 KEY = jax.random.key(0)
@@ -142,9 +143,10 @@ def test_tutorial_depth_3_two_filters():
     ("kernel", "stride", "padding"),
     [(3, 1, 0), ((2, 3), (1, 2), ((0, 2), (1, 0))), (4, 3, "SAME"), (1, 2, 2), (5, 1, "SAME")],
 )
-def test_forward_matches_naive_loops(kernel, stride, padding):
+@pytest.mark.parametrize("c_in", [2, PATCHES_MAX_C_IN + 1])  # the patches GEMM and the conv
+def test_forward_matches_naive_loops(kernel, stride, padding, c_in):
     layer = layers.Conv2D(3, kernel, stride, padding)
-    params, x, _ = random_case(layer, (7, 6, 2), 2, seed=2)
+    params, x, _ = random_case(layer, (7, 6, c_in), 2, seed=2)
     pads, _ = layer._geometry((7, 6))
     y, _ = forward(layer, params, x)
     np.testing.assert_allclose(y, naive_conv(x, params["W"], params["b"], layer.stride, pads),

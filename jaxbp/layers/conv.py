@@ -25,6 +25,7 @@ from .dense import INITIALIZERS, check_init
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 DW_BATCH_CHUNK = 4  # images per correlation in Conv2D's dW (see Conv2D.backward)
+PATCHES_MAX_C_IN = 3  # Conv2D's forward is one GEMM on patches up to this many input channels
 _DIMS = ("height", "width")
 _PADDING_FORMS = (
     '"SAME", "VALID", an int >= 0, a pair (ph, pw) or ((top, bottom), (left, right)) '
@@ -225,11 +226,26 @@ class Conv2D(Layer):
         self._geometry(x.shape[1:3])
 
     def forward(self, params, state, x, ctx):
+        """With at most ``PATCHES_MAX_C_IN`` (3) input channels, ``y`` is computed as one
+        GEMM: the patches ``X̃[n, p, q, (m, k, i)] = x̃[n, S_h·p + m, S_w·q + k, i]`` (kh·kw
+        strided slices of x̃, concatenated on the feature axis in W's (m, k, i) order) times
+        W reshaped to (kh·kw·C_in, filters): the same sum as the equation above. XLA:CPU's
+        convolution uses few of its vector lanes on an RGB or grey image's 1–3 channels; the
+        GEMM on the 9–27 wide patches is 1.6–2.3× faster there (measured on the bench's
+        first layers), and slower than the convolution on wider inputs."""
         W = params["W"]
-        pads, _ = self._geometry(x.shape[1:3])
+        pads, out = self._geometry(x.shape[1:3])
         dtype = jnp.result_type(x, W)  # mixed dtypes promote, as in Dense's x @ W
-        y = lax.conv_general_dilated(x.astype(dtype), W.astype(dtype), self.stride, pads,
-                                     dimension_numbers=NHWC)
+        x_, W_ = x.astype(dtype), W.astype(dtype)
+        if x.shape[3] <= PATCHES_MAX_C_IN:
+            xp = lax.pad(x_, jnp.zeros((), dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0),
+                                                    (0, 0, 0)])
+            (sh, sw), (kh, kw) = self.stride, self.kernel_size
+            taps = [xp[:, m:m + sh * (out[0] - 1) + 1:sh, k:k + sw * (out[1] - 1) + 1:sw, :]
+                    for m in range(kh) for k in range(kw)]
+            y = jnp.concatenate(taps, axis=-1) @ W_.reshape(-1, self.filters)
+        else:
+            y = lax.conv_general_dilated(x_, W_, self.stride, pads, dimension_numbers=NHWC)
         if self.use_bias:
             y = y + params["b"][None, None, None, :]
         return y, state, ConvResiduals(x=x)
