@@ -140,8 +140,8 @@ def test_a_model_that_does_not_suit_the_images_is_a_usage_error(tmp_path, capsys
                    "--epochs", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and ("error: train: --model cnn does not suit mnist (input shape (2, 2, 1)): "
-                        "cnn: input_shape must be (height, width, channels) with height and "
-                        "width >= 4") in err, err
+                        "cnn: input_shape must be at least 4×4 for two 2×2 poolings; got "
+                        "(2, 2, 1)") in err, err
 
 
 def test_a_checkpoint_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path, capsys,
