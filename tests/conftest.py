@@ -6,25 +6,28 @@ Float64 is enabled for the whole suite; float32 tests ask for float32 explicitly
 The suite's programs are small and most run once, so compiling them costs more than
 running them. XLA:CPU compiles loop fusions about a third faster with its older
 emitters (``--xla_cpu_use_fusion_emitters=false``: the same HLO, other code
-generation), so the suite asks for them in ``XLA_FLAGS``, which notebooks' kernels and
-the CLI's subprocesses inherit. An XLA that no longer knows the flag would abort at
-start-up, so a child Python first checks that it is accepted; the answer travels to
-pytest-xdist's workers in the environment.
+generation), and faster again without LLVM's optimisation passes
+(``--xla_backend_optimization_level=0``, which the property tests' programs already
+asked for one by one: the same HLO passes, unoptimised machine code, no fast-math), so
+the suite asks for both in ``XLA_FLAGS``, which notebooks' kernels and the CLI's
+subprocesses inherit. An XLA that no longer knows a flag would abort at start-up, so a
+child Python first checks that they are accepted; the answer travels to pytest-xdist's
+workers in the environment.
 """
 
 import os
 import subprocess
 import sys
 
-FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 
 
 def _fast_compile_flags():
-    """``XLA_FLAGS`` with ``FAST_COMPILE_FLAG`` added when this XLA accepts it."""
+    """``XLA_FLAGS`` with ``FAST_COMPILE_FLAGS`` added when this XLA accepts them."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if FAST_COMPILE_FLAG in flags or os.environ.get("JAXBP_TEST_FLAGS_CHECKED"):
+    if FAST_COMPILE_FLAGS in flags or os.environ.get("JAXBP_TEST_FLAGS_CHECKED"):
         return flags
-    trial = f"{flags} {FAST_COMPILE_FLAG}".strip()
+    trial = f"{flags} {FAST_COMPILE_FLAGS}".strip()
     probe = subprocess.run(
         [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1).block_until_ready()"],
         env={**os.environ, "XLA_FLAGS": trial, "JAX_PLATFORMS": "cpu"},
@@ -51,3 +54,9 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The notebooks (8–30 s each, the suite's longest tests) first, so that pytest-xdist's
+    workers start on them and the short tests fill in the end of the run evenly."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_notebooks.py")
