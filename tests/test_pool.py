@@ -130,6 +130,41 @@ def test_overlapping_windows_accumulate():
     assert dx[0, 1, 1, 0] == 4  # the centre wins all four windows
 
 
+def test_backward_routes_by_the_forward_arg_max_not_by_x():
+    """The residual arg-max decides where dy goes: backward reads x's shape only, so an x
+    recomputed with different rounding (as XLA may do when it fuses x's producer into
+    both passes) cannot drop the gradient. Here every window's maximum is unique."""
+    layer = layers.MaxPool2D(2, stride=1)
+    x = np.random.default_rng(3).normal(size=(2, 5, 4, 3))
+    _, residuals = forward(layer, {}, x)
+    dy = np.ones((2, 4, 3, 3))
+    dx = layer.backward({}, residuals, dy)[1]
+    nudged = residuals._replace(x=np.nextafter(x, np.inf))
+    np.testing.assert_array_equal(layer.backward({}, nudged, dy)[1], dx)
+    np.testing.assert_array_equal(dx, vjp_dx(layer, x, dy))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.bool_])
+def test_max_pool_forward_is_reduce_window_max_for_nan_int_and_bool(dtype):
+    """y is ``lax.reduce_window(max)``'s, NaN included (a NaN in a window makes its max NaN);
+    the arg-max residual counts the window's offsets in the smallest integer dtype."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-3, 4, size=(2, 5, 6, 2)).astype(dtype)
+    if dtype == np.float64:
+        x[0, 1, 2, 0] = x[1, 4, 5, 1] = np.nan
+    for layer in (layers.MaxPool2D(2), layers.MaxPool2D(3, stride=2, padding="SAME")):
+        y, residuals = forward(layer, {}, x)
+        pads, _ = layer._geometry(x.shape[1:3])
+        fill = -np.inf if dtype == np.float64 else (False if dtype == np.bool_ else -2**31)
+        expected = jax.lax.reduce_window(jnp.asarray(x), jnp.asarray(fill, dtype), jax.lax.max,
+                                         (1, *layer.window, 1), (1, *layer.stride, 1),
+                                         ((0, 0), *pads, (0, 0)))
+        np.testing.assert_array_equal(y, expected)
+        assert y.dtype == dtype and residuals.first.dtype == np.int8
+    assert forward(layers.MaxPool2D((12, 11)), {}, np.zeros((1, 12, 11, 1)))[1].first.dtype \
+        == np.int16  # 132 offsets do not fit in int8
+
+
 # ------------------------------------------------------------ backward vs vjp
 def pool_grid():
     """Window 1–4 × stride 1–3 × padding (0, 1, 2, SAME, VALID) where padding ≤ window − 1."""

@@ -23,8 +23,8 @@ from .conv import as_padding, as_pair, check_image_shape, unread_rows, window_ge
 
 
 class MaxPoolResiduals(NamedTuple):
-    x: jax.Array  # the layer's input, (batch, H, W, C)
-    y: jax.Array  # the window maxima, (batch, H_out, W_out, C)
+    x: jax.Array  # the layer's input (backward reads only its shape)
+    first: jax.Array  # each window's arg-max as an offset m·kw + k, (batch, H_out, W_out, C)
 
 
 class AvgPoolResiduals(NamedTuple):
@@ -39,6 +39,12 @@ def _lowest(dtype):
     if dtype == np.bool_:
         return np.array(False)
     return np.array(jnp.iinfo(dtype).min, dtype)
+
+
+def _offset_dtype(count: int):
+    """The smallest integer dtype that holds the window offsets ``0 … count − 1``."""
+    return next(np.dtype(t) for t in (np.int8, np.int16, np.int32)
+                if count - 1 <= np.iinfo(t).max)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -87,6 +93,20 @@ class _Pool(Layer):
     def _windows(self):
         return (1, *self.window, 1), (1, *self.stride, 1)
 
+    def _tiles(self, pads) -> bool:
+        """Whether the windows tile the image: stride = window and no padding."""
+        return self.stride == self.window and not any(map(any, pads))
+
+    def _untile(self, blocks, shape):
+        """``(batch, H_out, kh, W_out, kw, C)`` window blocks back to an image of ``shape``.
+
+        Window (p, q)'s offset (m, k) is pixel ``(kh·p + m, kw·q + k)`` when the windows
+        tile; the ``r`` end rows no window reads get zeros."""
+        n, h_out, kh, w_out, kw, c = blocks.shape
+        image = blocks.reshape(n, h_out * kh, w_out * kw, c)
+        return jnp.pad(image, ((0, 0), (0, shape[1] - h_out * kh), (0, shape[2] - w_out * kw),
+                               (0, 0)))
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class MaxPool2D(_Pool):
@@ -110,46 +130,65 @@ class MaxPool2D(_Pool):
     """
 
     def forward(self, params, state, x, ctx):
-        pads, _ = self._geometry(x.shape[1:3])
-        dims, strides = self._windows()
-        y = lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides,
-                              self._pad_config(pads))
-        return y, state, MaxPoolResiduals(x=x, y=y)
+        """One pass over the ``kh·kw`` window offsets (m, k) in row-major order: the
+        offset's entries ``x̃[S·p + m, S·q + k]`` form a strided slice the shape of y; where
+        one is greater than the running maximum it becomes the maximum and its offset
+        ``m·kw + k`` the window's arg-max (a NaN always takes over, so it propagates as in
+        ``max``). The strict ``>`` keeps the first of equal maxima. The arg-max, not x, is
+        what backward needs: it routes dy by the same comparisons that chose y, so the two
+        agree however XLA fuses or recomputes x (a recomputed x compared again with y can
+        differ in the last bit and drop the gradient)."""
+        pads, (h_out, w_out) = self._geometry(x.shape[1:3])
+        xp = lax.pad(x, _lowest(x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+        (kh, kw), (sh, sw) = self.window, self.stride
+        index = _offset_dtype(kh * kw)
+        y = first = None
+        for m in range(kh):
+            for k in range(kw):
+                end = (xp.shape[0], m + sh * (h_out - 1) + 1, k + sw * (w_out - 1) + 1,
+                       xp.shape[3])
+                patch = lax.slice(xp, (0, m, k, 0), end, (1, sh, sw, 1))
+                if y is None:
+                    y, first = patch, jnp.zeros(patch.shape, index)
+                    continue
+                wins = (patch > y) | (patch != patch)
+                y = jnp.where(wins, patch, y)
+                first = jnp.where(wins, np.array(m * kw + k, index), first)
+        return y, state, MaxPoolResiduals(x=x, first=first)
 
     def backward(self, params, residuals, dy):
         """dy goes to each window's arg-max; overlapping windows accumulate.
 
-        Shapes: x, dx (batch, H, W, C); y, dy (batch, H_out, W_out, C).
+        Shapes: x, dx (batch, H, W, C); first, dy (batch, H_out, W_out, C).
 
           dx̃[n, h, w, c] = Σ_{p,q: window (p, q) picks (h, w)} dy[n, p, q, c],   dx = dx̃ cropped
 
-        Ties: window (p, q) picks the first of its maximal entries in row-major window
-        order (offset (m, k) before (m, k + 1) before (m + 1, 0)) — the rule of XLA's
-        ``SelectAndScatter`` with the ``≥`` comparison that ``jax.grad`` of
-        ``lax.reduce_window(max)`` uses, so the two agree even on constant inputs.
-        −∞ padding never wins against an input entry (inputs are assumed NaN-free).
+        ``first`` holds the pick, the offset ``m·kw + k`` of the window's first maximal
+        entry in row-major window order ((m, k) before (m, k + 1) before (m + 1, 0)):
+        the rule of XLA's ``SelectAndScatter`` with the ``≥`` comparison that ``jax.grad``
+        of ``lax.reduce_window(max)`` uses, so the two agree even on constant inputs.
+        −∞ padding never wins against an input entry.
 
-        The sum runs over the ``kh·kw`` window offsets (m, k): the offset's entries
-        ``x̃[S·p + m, S·q + k]`` form a strided slice the shape of y; where it is the
-        first maximum, dy is placed back at those positions by a strided pad.
+        The sum runs over the offsets (m, k): where the window picked (m, k), dy is placed
+        back at ``x̃[S·p + m, S·q + k]`` by a strided pad. When the windows tile the image
+        (stride = window, no padding) each entry is in one window at most, the sum has
+        one term, and the placing is a reshape of the ``(batch, H_out, kh, W_out, kw, C)``
+        blocks ``dy[n, p, q, c]·[first[n, p, q, c] = m·kw + k]``.
         """
-        x, y = residuals
+        x, first = residuals
         pads, (h_out, w_out) = self._geometry(x.shape[1:3])
-        xp = lax.pad(x, _lowest(x.dtype),
-                     [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-        n, hp, wp, c = xp.shape
-        (sh, sw), zero = self.stride, np.zeros((), dy.dtype)
-        taken = jnp.zeros(y.shape, bool)
-        dxp = jnp.zeros(xp.shape, dy.dtype)
-        for m in range(self.window[0]):
-            for k in range(self.window[1]):
-                end = (n, m + sh * (h_out - 1) + 1, k + sw * (w_out - 1) + 1, c)
-                patch = lax.slice(xp, (0, m, k, 0), end, (1, sh, sw, 1))
-                first = (patch == y) & ~taken
-                taken = taken | first
-                placed = lax.pad(jnp.where(first, dy, zero), zero, [
-                    (0, 0, 0), (m, hp - end[1], sh - 1), (k, wp - end[2], sw - 1), (0, 0, 0)])
-                dxp = dxp + placed
+        (kh, kw), (sh, sw), zero = self.window, self.stride, np.zeros((), dy.dtype)
+        if self._tiles(pads):
+            offsets = np.arange(kh * kw, dtype=first.dtype).reshape(1, 1, kh, 1, kw, 1)
+            picked = first[:, :, None, :, None, :] == offsets
+            return {}, self._untile(jnp.where(picked, dy[:, :, None, :, None, :], zero), x.shape)
+        hp, wp = x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
+        dxp = jnp.zeros((x.shape[0], hp, wp, x.shape[3]), dy.dtype)
+        for m in range(kh):
+            for k in range(kw):
+                end_h, end_w = m + sh * (h_out - 1) + 1, k + sw * (w_out - 1) + 1
+                dxp = dxp + lax.pad(jnp.where(first == m * kw + k, dy, zero), zero, [
+                    (0, 0, 0), (m, hp - end_h, sh - 1), (k, wp - end_w, sw - 1), (0, 0, 0)])
         (top, _), (left, _) = pads
         return {}, dxp[:, top:top + x.shape[1], left:left + x.shape[2], :]
 
@@ -188,11 +227,18 @@ class AvgPool2D(_Pool):
 
         a full box-filter sum over ď: ď padded by ``(kh − 1 − P_lo, kh − 1 − P_hi + r)``
         (which also crops x̃'s padding; ``r`` end rows are read by no window) and summed
-        over sliding ``kh × kw`` windows at stride 1.
+        over sliding ``kh × kw`` windows at stride 1. When the windows tile the image
+        (stride = window, no padding) the sum has one term, ``dy[⌊h/kh⌋]/(kh·kw)`` (zero
+        on the ``r`` end rows), and dx is dy broadcast over each window and reshaped.
         """
         shape = residuals.x.shape
         pads, out = self._geometry(shape[1:3])
         kernel, stride = self.window, self.stride
+        if self._tiles(pads):
+            n, h_out, w_out, c = dy.shape
+            blocks = jnp.broadcast_to(dy[:, :, None, :, None, :] / (kernel[0] * kernel[1]),
+                                      (n, h_out, kernel[0], w_out, kernel[1], c))
+            return {}, self._untile(blocks, shape)
         config = [(0, 0, 0), (0, 0, 0)]
         for d in range(2):
             r = unread_rows(shape[1 + d], kernel[d], stride[d], pads[d], out[d])
