@@ -453,7 +453,7 @@ def test_convolution_flops_count_every_window_and_each_chunk_of_dw():
     """A Conv2D's forward and hand-written backward: 2·kh·kw·C_in per output of each
     convolution, dW's scan over batch chunks counted once per chunk."""
     layer = layers.Conv2D(5, 3, padding="SAME", use_bias=False)
-    n, h, w, c = 12, 6, 7, 2  # dW in 3 chunks of 4 images
+    n, h, w, c = 12, 6, 7, 4  # over PATCHES_MAX_C_IN channels: dW in 3 chunks of 4 images
     W, x = jnp.zeros((3, 3, c, 5)), jnp.zeros((n, h, w, c))
     fwd = jax.make_jaxpr(lambda W, x: layer.forward({"W": W}, {}, x, None)[0])(W, x).jaxpr
     assert bench._matmul_flops(fwd) == 2 * n * h * w * 5 * 9 * c

@@ -3,9 +3,9 @@
 Gradient grid: the full product of kernel 1–5 × stride 1–3 × padding (0, 1, 2,
 SAME, VALID) (75 geometries), each with input channels, filters, height, width
 (odd and even) drawn from a generator seeded by the configuration's index, and
-batch 1, 3, 12 or 7 (the last two compute dW in chunks of 4 and of 1 image); a
-second test crosses all channel × filter counts. Every configuration
-runs in one jitted function per test, so the grid costs one compile.
+batch 1, 3, 12 or 7 (with 4 input channels, the last two compute dW in chunks of 4
+and of 1 image); a second test crosses all channel × filter counts. Every
+configuration runs in one jitted function per test, so the grid costs one compile.
 """
 
 import functools
@@ -160,7 +160,7 @@ def grid_cases():
         rng = np.random.default_rng(i)
         c_in, filters = (int(v) for v in rng.integers(1, 5, size=2))
         h, w = int(rng.integers(5, 7)), int(rng.integers(7, 9))  # odd and even sizes
-        batch = (1, 3, 12, 7)[i % 4]  # 12 and 7: dW in chunks of 4 and of 1 image
+        batch = (1, 3, 12, 7)[i % 4]  # 12, 7 and C_in 4: dW in chunks of 4 and of 1 image
         layer = layers.Conv2D(filters, k, s, p, use_bias=bool(i % 3))
         cases.append((layer, random_case(layer, (h, w, c_in), batch, seed=i)))
     return cases
