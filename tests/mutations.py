@@ -96,6 +96,16 @@ class MaxPoolToEveryElement(layers.MaxPool2D):
         return {}, dx * (self.window[0] * self.window[1])  # box sum, not box mean
 
 
+class MaxPoolOffsetTransposed(layers.MaxPool2D):
+    """Reads each window's arg-max offset column-major: dy of a pick at (m, k) goes to (k, m)."""
+
+    def backward(self, params, residuals, dy):
+        kw = self.window[1]
+        first = residuals.first
+        return super().backward(params, residuals._replace(first=first % kw * kw + first // kw),
+                                dy)
+
+
 class ConvKernelNotFlipped(layers.Conv2D):
     """dx correlates dy with W itself instead of the spatially flipped kernel."""
 
@@ -640,6 +650,13 @@ MUTATIONS = [
         _cnn,
         lambda net: replace_layer(net, 2, MaxPoolToEveryElement(2)),
         "layers[2] (MaxPoolToEveryElement)",
+        _CNN_BELOW_3 - {"layers[3].dx"},
+    ),
+    Mutation(
+        "max-pool arg-max offset read column-major",
+        _cnn,
+        lambda net: replace_layer(net, 2, MaxPoolOffsetTransposed(2)),
+        "layers[2] (MaxPoolOffsetTransposed)",
         _CNN_BELOW_3 - {"layers[3].dx"},
     ),
     Mutation(
