@@ -167,7 +167,7 @@ class MaxPool2D(_Pool):
         entry in row-major window order ((m, k) before (m, k + 1) before (m + 1, 0)):
         the rule of XLA's ``SelectAndScatter`` with the ``≥`` comparison that ``jax.grad``
         of ``lax.reduce_window(max)`` uses, so the two agree even on constant inputs.
-        −∞ padding never wins against an input entry.
+        −∞ padding loses to every input entry above −∞.
 
         The sum runs over the offsets (m, k): where the window picked (m, k), dy is placed
         back at ``x̃[S·p + m, S·q + k]`` by a strided pad. When the windows tile the image
