@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxbp import layers
+from jaxbp.layers.pool import UNROLLED_MAX_OFFSETS
 from tests.helpers import RUN_ONCE, rel_error
 from tests.test_conv import (
     CTX,
@@ -177,6 +178,24 @@ def test_max_pool_forward_is_reduce_window_max_for_nan_int_and_bool(dtype):
         assert y.dtype == dtype and residuals.first.dtype == np.int8
     assert forward(layers.MaxPool2D((12, 11)), {}, np.zeros((1, 12, 11, 1)))[1].first.dtype \
         == np.int16  # 132 offsets do not fit in int8
+
+
+def test_large_tiling_windows_reduce_rows_with_the_same_rule():
+    """Over ``UNROLLED_MAX_OFFSETS`` offsets, tiling windows take max and argmax of rows: the
+    NumPy oracle's maxima (NaN included) and ``jax.vjp`` of ``lax.reduce_window(max)``'s
+    routing, ties included (integer inputs); 19 × 21 leaves end rows no window reads."""
+    rng = np.random.default_rng(5)
+    layer = layers.MaxPool2D((9, 10))
+    assert 9 * 10 > UNROLLED_MAX_OFFSETS
+    for x in (rng.normal(size=(2, 19, 21, 2)), rng.integers(0, 3, size=(2, 19, 21, 2)) * 1.0):
+        y, _ = forward(layer, {}, x)
+        np.testing.assert_array_equal(y, naive_pool(layers.MaxPool2D, x, (9, 10), (9, 10),
+                                                    ((0, 0), (0, 0))))
+        dy = rng.normal(size=y.shape)
+        assert rel_error(manual_dx(layer, x, dy), reduce_window_vjp_dx(layer, x, dy)) <= 1e-15
+    x[1, 3, 4, 0] = np.nan
+    np.testing.assert_array_equal(forward(layer, {}, x)[0], naive_pool(
+        layers.MaxPool2D, x, (9, 10), (9, 10), ((0, 0), (0, 0))))
 
 
 # ------------------------------------------------------------ backward vs vjp
