@@ -55,15 +55,19 @@ def vjp_dx(layer, x, dy):
     return jax.vjp(lambda a: forward(layer, {}, a)[0], x)[1](dy)[0]
 
 
+def xla_max_pool(layer, a, fill=-np.inf):
+    """XLA's own max pooling, ``lax.reduce_window(max)``, in ``layer``'s geometry, padded by
+    ``fill``."""
+    pads, _ = layer._geometry(a.shape[1:3])
+    return jax.lax.reduce_window(a, np.asarray(fill, a.dtype), jax.lax.max, (1, *layer.window, 1),
+                                 (1, *layer.stride, 1), ((0, 0), *pads, (0, 0)))
+
+
 @functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_ONCE)
 def reduce_window_vjp_dx(layer, x, dy):
-    """``jax.vjp`` of XLA's own max pooling, ``lax.reduce_window(max)``: an oracle of the tie
-    rule independent of the layer's forward (whose selections ``jax.vjp`` would follow)."""
-    pads, _ = layer._geometry(x.shape[1:3])
-    def pool(a):
-        return jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, *layer.window, 1),
-                                     (1, *layer.stride, 1), ((0, 0), *pads, (0, 0)))
-    return jax.vjp(pool, x)[1](dy)[0]
+    """``jax.vjp`` of ``xla_max_pool``: an oracle of the tie rule independent of the layer's
+    forward (whose selections ``jax.vjp`` would follow)."""
+    return jax.vjp(lambda a: xla_max_pool(layer, a), x)[1](dy)[0]
 
 
 # ----------------------------------------------------------- tutorial numbers
@@ -169,12 +173,8 @@ def test_max_pool_forward_is_reduce_window_max_for_nan_int_and_bool(dtype):
         x[0, 1, 2, 0] = x[1, 4, 5, 1] = np.nan
     for layer in (layers.MaxPool2D(2), layers.MaxPool2D(3, stride=2, padding="SAME")):
         y, residuals = forward(layer, {}, x)
-        pads, _ = layer._geometry(x.shape[1:3])
         fill = -np.inf if dtype == np.float64 else (False if dtype == np.bool_ else -2**31)
-        expected = jax.lax.reduce_window(jnp.asarray(x), jnp.asarray(fill, dtype), jax.lax.max,
-                                         (1, *layer.window, 1), (1, *layer.stride, 1),
-                                         ((0, 0), *pads, (0, 0)))
-        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_array_equal(y, xla_max_pool(layer, jnp.asarray(x), fill))
         assert y.dtype == dtype and residuals.first.dtype == np.int8
     assert forward(layers.MaxPool2D((12, 11)), {}, np.zeros((1, 12, 11, 1)))[1].first.dtype \
         == np.int16  # 132 offsets do not fit in int8
